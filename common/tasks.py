@@ -1,0 +1,63 @@
+"""The four benchmark tasks (OMAR's datasets, as used by CFCQL and the SPaCQL paper).
+
+One place that names the tasks and their shapes, so that environments, datasets and algorithm files agree.
+Facts from shared/reference/benchmark-tasks.md and cfcql-reference.md (sections 1.2, 2, 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DATASET_TYPES = ("random", "medium-replay", "medium", "expert")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # our short name: cn | pp | world | halfcheetah
+    family: str  # "mpe" or "mamujoco"
+    omar_env_id: str  # the directory name in OMAR's dataset layout
+    n_agents: int  # learning agents (predators only in pp / world)
+    obs_dim: int  # per-agent observation
+    act_dim: int  # per-agent action, always in [-1, 1]
+    state_dim: int  # critic's state: concat of learner obs (MPE) or MuJoCo's 17-d state
+    episode_length: int  # fixed; episodes never terminate early
+
+
+TASKS: dict[str, TaskSpec] = {
+    "cn": TaskSpec("cn", "mpe", "simple_spread", 3, 18, 2, 54, 25),
+    "pp": TaskSpec("pp", "mpe", "simple_tag", 3, 16, 2, 48, 25),
+    "world": TaskSpec("world", "mpe", "simple_world", 3, 24, 2, 72, 25),
+    "halfcheetah": TaskSpec("halfcheetah", "mamujoco", "HalfCheetah-v2", 2, 6, 3, 17, 1000),
+}
+
+# Accepted spellings -> canonical name.
+ALIASES = {
+    "cn": "cn",
+    "spread": "cn",
+    "simple_spread": "cn",
+    "cooperative_navigation": "cn",
+    "pp": "pp",
+    "tag": "pp",
+    "simple_tag": "pp",
+    "predator_prey": "pp",
+    "world": "world",
+    "simple_world": "world",
+    "halfcheetah": "halfcheetah",
+    "hc": "halfcheetah",
+    "HalfCheetah-v2": "halfcheetah",
+    "halfcheetah_2x3": "halfcheetah",
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Canonical TaskSpec for `name`; unknown names raise a ValueError listing the valid ones."""
+    key = ALIASES.get(name, ALIASES.get(str(name).lower()))
+    if key is None:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)} (aliases: {sorted(ALIASES)})")
+    return TASKS[key]
+
+
+def check_dataset_type(dataset: str) -> str:
+    if dataset not in DATASET_TYPES:
+        raise ValueError(f"unknown dataset type {dataset!r}; expected one of {list(DATASET_TYPES)}")
+    return dataset
