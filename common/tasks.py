@@ -53,7 +53,9 @@ def get_task(name: str) -> TaskSpec:
     """Canonical TaskSpec for `name`; unknown names raise a ValueError listing the valid ones."""
     key = ALIASES.get(name, ALIASES.get(str(name).lower()))
     if key is None:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)} (aliases: {sorted(ALIASES)})")
+        raise ValueError(
+            f"unknown task {name!r}; expected one of {sorted(TASKS)} (aliases: {sorted(ALIASES)})"
+        )
     return TASKS[key]
 
 
@@ -61,3 +63,45 @@ def check_dataset_type(dataset: str) -> str:
     if dataset not in DATASET_TYPES:
         raise ValueError(f"unknown dataset type {dataset!r}; expected one of {list(DATASET_TYPES)}")
     return dataset
+
+
+@dataclass(frozen=True)
+class ReferenceHparams:
+    """CFCQL's per-task settings as the reference ran them (cfcql-reference.md sections 1.2, 1.3, 3.7).
+
+    One update round = 1 critic+actor step, then 4 critic-only steps (each on a fresh minibatch), then one soft
+    update of every target network. `num_updates` and `eval_every` count such rounds.
+    """
+
+    lr: float  # Adam, every network
+    batch_size: int
+    hidden: int
+    tau: float  # Polyak rate of the single target update per round
+    num_updates: int  # rounds: num_steps / steps_per_update + 1 in the reference
+    eval_every: int  # rounds between evaluations: eval_interval / steps_per_update
+    alpha: dict  # conservative-penalty weight per dataset type
+
+
+REFERENCE_HPARAMS: dict[str, ReferenceHparams] = {
+    # simple_spread: 200k fake steps, an update round every 100 -> 2001 rounds; eval every 1000 steps
+    "cn": ReferenceHparams(
+        0.01, 1024, 64, 0.01, 2001, 10, {"random": 0.5, "medium-replay": 1.0, "medium": 5.0, "expert": 2.5}
+    ),
+    "pp": ReferenceHparams(
+        0.001, 1024, 64, 0.01, 2001, 10, {"random": 0.5, "medium-replay": 0.5, "medium": 0.6, "expert": 2.0}
+    ),
+    # simple_world keeps the default 100k steps but updates every 20 -> 5001 rounds (reference quirk B10)
+    "world": ReferenceHparams(
+        0.001, 1024, 64, 0.01, 5001, 50, {"random": 0.5, "medium-replay": 0.5, "medium": 0.32, "expert": 0.3}
+    ),
+    # HalfCheetah: 1M steps, update every 10 -> 100001 rounds; eval every 5000 steps
+    "halfcheetah": ReferenceHparams(
+        3e-4,
+        256,
+        256,
+        0.005,
+        100001,
+        500,
+        {"random": 0.1, "medium-replay": 0.4, "medium": 1.0, "expert": 1.7},
+    ),
+}
