@@ -1,0 +1,316 @@
+"""cfcql.py: the fast batched computations equal slow, obvious ones; tiny end-to-end runs; reproducibility."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cfcql
+from tests.helpers import write_tiny_dataset
+
+torch.set_num_threads(1)
+
+
+def toy_setup(task="cn", num_critics=2, b=5, hidden=16, seed=0):
+    torch.manual_seed(seed)
+    spec = cfcql.get_task(task)
+    args = cfcql.resolve_args(cfcql.Args(task=task, num_critics=num_critics, hidden=hidden, batch_size=b))
+    nets = cfcql.make_nets(spec, args, torch.device("cpu"))
+    n, o, d, s = spec.n_agents, spec.obs_dim, spec.act_dim, spec.state_dim
+    obs, next_obs = torch.randn(b, n, o), torch.randn(b, n, o)
+    states = obs.flatten(1) if spec.family == "mpe" else torch.randn(b, s)
+    next_states = next_obs.flatten(1) if spec.family == "mpe" else torch.randn(b, s)
+    batch = cfcql.Batch(
+        obs=obs,
+        actions=torch.rand(b, n, d) * 2 - 1,
+        rewards=torch.randn(b, 1),
+        next_obs=next_obs,
+        next_actions=torch.rand(b, n, d) * 2 - 1,
+        dones=(torch.rand(b, 1) < 0.3).float(),
+        states=states,
+        next_states=next_states,
+    )
+    return spec, args, nets, batch
+
+
+def member_nets(critic: cfcql.EnsembleCritic):
+    """The ensemble as E separate nn.Sequential networks (weights copied) sharing one input BatchNorm."""
+    bn = nn.BatchNorm1d(critic.w1.shape[1])
+    bn.weight.data.copy_(critic.bn_weight.data)
+    bn.bias.data.copy_(critic.bn_bias.data)
+    members = []
+    for j in range(critic.w1.shape[0]):
+        layers = [
+            nn.Linear(critic.w1.shape[1], critic.w1.shape[2]),
+            nn.ReLU(),
+            nn.Linear(critic.w2.shape[1], critic.w2.shape[2]),
+            nn.ReLU(),
+            nn.Linear(critic.w3.shape[1], 1),
+        ]
+        for lin, w, bias in zip(
+            layers[::2], (critic.w1, critic.w2, critic.w3), (critic.b1, critic.b2, critic.b3), strict=True
+        ):
+            lin.weight.data.copy_(w.data[j].T)
+            lin.bias.data.copy_(bias.data[j, 0])
+        members.append(nn.Sequential(*layers))
+    return bn.train(), members
+
+
+def slow_q(critic, inputs):
+    """Q of every member for a list of input rows fed as ONE BatchNorm group: [E, len(inputs)]."""
+    bn, members = member_nets(critic)
+    x = bn(torch.stack(inputs))
+    return torch.stack([m(x)[:, 0] for m in members])
+
+
+def test_batched_ensemble_equals_loop_over_members():
+    torch.manual_seed(0)
+    critic = cfcql.EnsembleCritic(in_dim=11, hidden=8, num_members=10)
+    x = torch.randn(3, 40, 11)  # 3 groups: each normalised by its own batch statistics
+    fast = critic(x)  # [E, G, M, 1]
+    assert fast.shape == (10, 3, 40, 1)
+    bn, members = member_nets(critic)
+    for g in range(3):
+        h = bn(x[g])
+        slow = torch.stack([m(h) for m in members])  # [E, M, 1]
+        torch.testing.assert_close(fast[:, g], slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(critic(x, members=slice(0, 1))[0], fast[0])
+
+
+def test_batched_actors_equal_separate_policies_including_batchnorm_running_stats():
+    torch.manual_seed(0)
+    n, o, d, h = 3, 7, 2, 16
+    actors = cfcql.Actors(n, o, d, h)
+    policies = []
+    for i in range(n):
+        bn = nn.BatchNorm1d(o)
+        lins = [nn.Linear(o, h), nn.Linear(h, h), nn.Linear(h, d)]
+        for lin, w, b in zip(
+            lins, (actors.w1, actors.w2, actors.w3), (actors.b1, actors.b2, actors.b3), strict=True
+        ):
+            lin.weight.data.copy_(w.data[i].T)
+            lin.bias.data.copy_(b.data[i, 0])
+        policies.append((bn, lins))
+
+    def slow(obs_i, i):
+        bn, (l1, l2, l3) = policies[i]
+        return torch.tanh(l3(F.relu(l2(F.relu(l1(bn(obs_i)))))))
+
+    for _ in range(3):  # training-mode forwards update the running statistics identically
+        obs = torch.randn(n, 32, o) * 3 + 1
+        fast = actors(obs)
+        for i in range(n):
+            torch.testing.assert_close(fast[i], slow(obs[i], i), rtol=1e-5, atol=1e-6)
+    actors.eval()
+    obs = torch.randn(n, 5, o)
+    for i in range(n):
+        policies[i][0].eval()
+        torch.testing.assert_close(actors(obs)[i], slow(obs[i], i), rtol=1e-5, atol=1e-6)
+
+
+def slow_penalty(nets, batch, slot_rows, other_rows, logp_rows):
+    """Literal per-agent, per-sample, per-member transcription of CFCQL's counterfactual penalty.
+
+    slot_rows[i][b] = list of agent-i actions, other_rows[i][b] = list of joint actions they replace a slot of,
+    logp_rows[i][b] = list of log-densities. All counterfactual inputs form one BatchNorm group, as the reference.
+    """
+    b_size, n, _ = batch.actions.shape
+    inputs, index = [], {}
+    for i in range(n):
+        for b in range(b_size):
+            for j, u in enumerate(slot_rows[i][b]):
+                joint = other_rows[i][b][j].clone()
+                joint[i] = u
+                index[i, b, j] = len(inputs)
+                inputs.append(torch.cat([batch.states[b], joint.flatten()]))
+    q = slow_q(nets.critic, inputs)  # [E, rows]
+    q_data = slow_q(
+        nets.critic, [torch.cat([batch.states[b], batch.actions[b].flatten()]) for b in range(b_size)]
+    )
+    total = 0.0
+    for e in range(q.shape[0]):
+        per_batch = []
+        for b in range(b_size):
+            z = [
+                math.log(
+                    sum(
+                        math.exp(q[e, index[i, b, j]].item() - logp_rows[i][b][j])
+                        for j in range(len(slot_rows[i][b]))
+                    )
+                )
+                for i in range(n)
+            ]
+            per_batch.append(sum(z) / n - q_data[e, b].item())  # lambda_i = 1/n
+        total += sum(per_batch) / b_size
+    return total
+
+
+def test_mpe_penalty_equals_slow_computation():
+    spec, args, nets, batch = toy_setup("cn", num_critics=3, b=4)
+    args.num_cql_samples = 6
+    q_data = nets.critic(cfcql.critic_input(batch.states, batch.actions)[None])
+    torch.manual_seed(123)
+    fast = cfcql.cql_penalty(batch, nets, q_data, args).item()
+    torch.manual_seed(123)  # the same uniform draws, in the same order
+    n, b, m, d = spec.n_agents, 4, 6, spec.act_dim
+    u = torch.rand(n, b, m, d) * 2 - 1
+    slots = [[list(u[i, bb]) for bb in range(b)] for i in range(n)]
+    others = [[[batch.actions[bb]] * m for bb in range(b)] for i in range(n)]
+    logp = [[[d * math.log(0.5)] * m for _ in range(b)] for _ in range(n)]
+    assert fast == pytest.approx(slow_penalty(nets, batch, slots, others, logp), rel=1e-4, abs=1e-4)
+
+
+def test_halfcheetah_penalty_equals_slow_computation_with_correct_density_pairing():
+    spec, args, nets, batch = toy_setup("halfcheetah", num_critics=2, b=3)
+    args.num_cql_samples = 4
+    q_data = nets.critic(cfcql.critic_input(batch.states, batch.actions)[None])
+    state = {k: v.clone() for k, v in nets.actors.state_dict().items()}
+    torch.manual_seed(7)
+    fast = cfcql.cql_penalty(batch, nets, q_data, args).item()
+    nets.actors.load_state_dict(state)  # the penalty's policy forwards moved the BatchNorm averages
+    torch.manual_seed(7)
+    n, b, m, d, sd = spec.n_agents, 3, 4, spec.act_dim, args.policy_sample_noise
+    u = torch.rand(n, b, m, d) * 2 - 1
+    with torch.no_grad():
+        pi = nets.actors(batch.obs.transpose(0, 1))
+        next_pi = nets.actors(batch.next_obs.transpose(0, 1))
+    eps_pi, eps_next = sd * torch.randn(n, b, m, d), sd * torch.randn(n, b, m, d)
+
+    def logn(eps):  # log-density of N(0, sd^2 I), written out per dimension
+        return sum(-0.5 * (x / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi)) for x in eps.tolist())
+
+    slots, others, logp = [], [], []
+    for i in range(n):
+        slots.append([]), others.append([]), logp.append([])
+        for bb in range(b):
+            s_rows, o_rows, l_rows = [], [], []
+            for j in range(m):  # uniform: others = data actions
+                s_rows.append(u[i, bb, j]), o_rows.append(batch.actions[bb]), l_rows.append(d * math.log(0.5))
+            for j in range(m):  # current policy + noise, its own noise density
+                s_rows.append((pi[i, bb] + eps_pi[i, bb, j]).clamp(-1, 1)), o_rows.append(batch.actions[bb])
+                l_rows.append(logn(eps_pi[i, bb, j]))
+            for j in range(m):  # next-state policy + noise, others = dataset next actions, state s (ref B4)
+                (
+                    s_rows.append((next_pi[i, bb] + eps_next[i, bb, j]).clamp(-1, 1)),
+                    o_rows.append(batch.next_actions[bb]),
+                )
+                l_rows.append(logn(eps_next[i, bb, j]))
+            slots[i].append(s_rows), others[i].append(o_rows), logp[i].append(l_rows)
+    assert fast == pytest.approx(slow_penalty(nets, batch, slots, others, logp), rel=1e-4, abs=1e-4)
+
+
+def test_actor_loss_equals_slow_per_agent_computation():
+    spec, args, nets, batch = toy_setup("cn", b=6)
+    loss = cfcql.actor_loss(batch, nets, args)
+    n = spec.n_agents
+    pi = nets.actors(batch.obs.transpose(0, 1))  # same batch -> same BatchNorm statistics
+    rows = []
+    for i in range(n):
+        for b in range(6):
+            joint = batch.actions[b].clone()
+            joint[i] = pi[i, b]
+            rows.append(torch.cat([batch.states[b], joint.flatten()]))
+    q1 = slow_q(nets.critic, rows)[0]
+    slow = -q1.mean() + args.actor_l2 * sum((pi[i] ** 2).mean() for i in range(n))
+    assert loss.item() == pytest.approx(slow.item(), rel=1e-5, abs=1e-6)
+
+
+def test_cfcql_target_uses_min_over_members_and_all_agents_from_target_policies():
+    spec, args, nets, batch = toy_setup("cn", num_critics=4, b=8)
+    args.target_noise = 0.0
+    y, info = cfcql.td_target(batch, nets, args)
+    assert y.shape == (1, 8, 1)
+    with torch.no_grad():
+        a = nets.actors_target(batch.next_obs.transpose(0, 1)).transpose(0, 1)
+        q = slow_q(nets.critic_target, [torch.cat([batch.next_states[b], a[b].flatten()]) for b in range(8)])
+    expected = batch.rewards[:, 0] + args.gamma * (1 - batch.dones[:, 0]) * q.min(0).values
+    torch.testing.assert_close(y[0, :, 0], expected, rtol=1e-5, atol=1e-5)
+    assert info["charts/target_spread"].item() == pytest.approx(q.std(0).mean().item(), rel=1e-4)
+
+
+def test_per_agent_grad_clipping_equals_torch_clip_on_each_agent():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4, 5)), torch.nn.Parameter(torch.randn(3, 1, 5))]
+    for p in params:
+        p.grad = torch.randn_like(p) * torch.tensor([0.01, 1.0, 10.0]).view(3, 1, 1)
+    expected = []
+    for i in range(3):
+        gs = [p.grad[i].clone().requires_grad_(False) for p in params]
+        ts = [torch.zeros_like(g, requires_grad=True) for g in gs]
+        for t, g in zip(ts, gs, strict=True):
+            t.grad = g
+        torch.nn.utils.clip_grad_norm_(ts, 0.5)
+        expected.append([t.grad for t in ts])
+    cfcql.clip_grad_norm_per_agent(params, 0.5)
+    for i in range(3):
+        for p, e in zip(params, expected[i], strict=True):
+            torch.testing.assert_close(p.grad[i], e)
+
+
+def tiny_args(tmp_path, task, **kw):
+    return cfcql.Args(
+        task=task,
+        dataset="random",
+        seed=kw.pop("seed", 0),
+        data_dir=str(tmp_path / "data"),
+        run_dir=str(tmp_path / "runs"),
+        batch_size=16,
+        hidden=16,
+        num_updates=3,
+        eval_every=2,
+        num_eval_episodes=2,
+        log_every=1,
+        cuda=False,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("task", ["cn", "pp", "world", "halfcheetah"])
+def test_tiny_end_to_end_run_with_save_and_reload(tmp_path, task):
+    write_tiny_dataset(tmp_path / "data", task, episodes=2 if task == "halfcheetah" else 8)
+    result = cfcql.main(tiny_args(tmp_path, task, save_model=True))
+    with open(os.path.join(result["run_path"], "final.json")) as f:
+        saved = json.load(f)
+    assert saved["final_normalized_score"] == pytest.approx(result["final_normalized_score"])
+    assert math.isfinite(saved["final_return"]) and len(saved["eval_history"]) == 3  # rounds 0, 2, final
+    reloaded = cfcql.main(tiny_args(tmp_path, task, load_model=os.path.join(result["run_path"], "model.pt")))
+    assert reloaded["return"] == pytest.approx(result["final_return"], rel=1e-5, abs=1e-4)
+
+
+def test_same_seed_gives_same_losses_on_cpu(tmp_path):
+    write_tiny_dataset(tmp_path / "data", "cn")
+    runs = []
+    for _ in range(2):
+        args = cfcql.resolve_args(tiny_args(tmp_path, "cn"))
+        cfcql.seed_everything(args.seed)
+        spec = cfcql.get_task("cn")
+        nets = cfcql.make_nets(spec, args, torch.device("cpu"))
+        copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
+        aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
+        data = cfcql.load_dataset(tmp_path / "data" / "cn" / "random" / "seed_0.h5", task="cn")
+        gen = torch.Generator().manual_seed(args.seed)
+        runs.append(
+            [
+                {k: v.item() for k, v in cfcql.update_round(data, nets, copt, aopt, args, gen).items()}
+                for _ in range(3)
+            ]
+        )
+    assert runs[0] == runs[1]
+    assert runs[0][0]["losses/td"] != runs[0][2]["losses/td"]  # the losses do move
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("task", "walker", "unknown task"), ("dataset", "mediocre", "unknown dataset")],
+)
+def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
+    args = tiny_args(tmp_path, "cn")
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=message):
+        cfcql.main(args)
