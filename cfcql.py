@@ -315,7 +315,7 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 
 
 # ======================================================================================================
-# Conservative penalty and actor loss (identical in cfcql.py and icql_qs.py)
+# Conservative penalty and actor loss (identical in every algorithm file)
 # ======================================================================================================
 
 

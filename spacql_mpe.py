@@ -1,0 +1,575 @@
+"""SPaCQL: Soft-Partial Conservative Q-Learning, particle tasks.
+
+Paper:     Jin & Montana, "Partial Action Replacement: Tackling Distribution Shift in Offline MARL",
+           AAAI 2026, Eq. (3)-(7) and Algorithm 1; ensemble of 10 critics, all other hyper-parameters CFCQL's.
+Reference: no public code of SPaCQL; built on cfcql.py (CFCQL, github.com/thu-rllab/CFCQL continuous/,
+           commit 3441019, as described in shared/reference/cfcql-reference.md). Everything but the TD target is
+           CFCQL's: `diff icql_qs.py spacql_mpe.py` shows exactly the change from ICQL-QS, and
+           `diff spacql_mpe.py spacql_mamujoco.py` only the environment family and defaults.
+Tasks:     cn (Cooperative Navigation), pp (Predator-Prey), world; HalfCheetah is spacql_mamujoco.py.
+Usage:     python spacql_mpe.py --task world --dataset random --seed 0
+
+Reading of the paper, stated as such:
+  P1. Critic loss (Eq. 5, Algorithm 1 line 14) = sum over the E members of the mean squared error to the one
+      target Y_SP, plus CFCQL's counterfactual penalty applied to every member.
+  P2. The k agents' next actions come from the smoothed target policies (as CFCQL's target); the others keep
+      the dataset's next actions a' (Eq. 3). Subsets are drawn independently for every transition and every k.
+  P3. u_k (Eq. 7, Algorithm 1 line 10) is the Bessel-corrected standard deviation over the ONLINE members; y_k
+      takes the min over the TARGET members (Eq. 6); w_k = (1/u_k) / sum_k (1/u_k) per transition, computed
+      without gradient, with 1e-6 added to u_k against division by zero.
+  P4. The actors are updated as in CFCQL with member 1 (Algorithm 1 line 20), once per round of 5 critic steps.
+Deviations from the reference CFCQL code are those of cfcql.py (D1-D4, listed in README.md), inherited
+unchanged: minibatches with replacement from a dedicated generator and fixed evaluation seeds; HalfCheetah
+density corrections paired with their own samples; the critic as a batched ensemble with joint gradient clipping;
+the final evaluation after the last round. Kept from the reference: gamma = 0.95 everywhere, training-mode
+BatchNorm in every critic forward (each forward group normalised by its own batch statistics), agent 0's reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.build import ensure_dataset
+from common.dataset import load_dataset, normalized_score
+from common.envs import make_vec_env
+from common.evaluation import evaluate
+from common.tasks import REFERENCE_HPARAMS, check_dataset_type, get_task
+
+TASK_FAMILIES = ("mpe",)  # the particle tasks; HalfCheetah is spacql_mamujoco.py
+
+
+@dataclass
+class Args:
+    task: str = "cn"
+    """task: cn (Cooperative Navigation), pp (Predator-Prey), world, halfcheetah"""
+    dataset: str = "random"
+    """dataset type: random, medium-replay, medium, expert"""
+    seed: int = 0
+    """seed of networks, noise and minibatch sampling"""
+    dataset_seed: int | None = None
+    """which of the independently generated dataset copies (0-4) to train on; default: --seed"""
+    data_dir: str = "data"
+    """where datasets live; a missing one is built there"""
+    num_critics: int = 10
+    """ensemble size E of the centralized critic (10 = the paper's ensemble)"""
+    gamma: float = 0.95
+    """discount; 0.95 is what the reference ran in every task (ref B1)"""
+    lr: float | None = None
+    """Adam learning rate of every network; default: the reference's per-task value"""
+    batch_size: int | None = None
+    """minibatch size; default: 1024 (particle tasks) / 256 (halfcheetah)"""
+    hidden: int | None = None
+    """hidden width of actors and critic; default: 64 (particle tasks) / 256 (halfcheetah)"""
+    tau: float | None = None
+    """Polyak rate of the target update; default: 0.01 (particle) / 0.005 (halfcheetah)"""
+    alpha: float | None = None
+    """conservative-penalty weight; default: the reference's table per task and dataset (ref 3.7)"""
+    num_updates: int | None = None
+    """update rounds (1 critic+actor step, critic_steps - 1 critic steps, 1 target update); default: reference"""
+    critic_steps: int = 5
+    """critic steps per round (the reference's ca_ratio); the actor steps once, after the first"""
+    eval_every: int | None = None
+    """rounds between evaluations; default: the reference's interval"""
+    num_eval_episodes: int = 10
+    """deterministic evaluation episodes (fixed start states)"""
+    num_cql_samples: int = 10
+    """counterfactual samples per agent and per source in the conservative penalty (ref 3.2)"""
+    target_noise: float = 0.05
+    """std of the target-policy smoothing noise (no clip; ref B9)"""
+    policy_sample_noise: float = 0.2
+    """std of the policy-sample noise in the halfcheetah penalty (ref 3.3)"""
+    actor_l2: float = 1e-3
+    """weight of the squared-action regulariser of the actor loss (ref 3.6)"""
+    grad_clip: float = 0.5
+    """max gradient norm of the critic ensemble and of each actor"""
+    log_every: int = 10
+    """rounds between TensorBoard scalar writes"""
+    cuda: bool = True
+    """use CUDA when available"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+    run_dir: str = "runs"
+    """parent directory of the run directory"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """experiment name, the first part of the run directory's name"""
+    save_model: bool = False
+    """save networks, optimizers and args to <run dir>/model.pt at the end"""
+    load_model: str | None = None
+    """evaluate a saved model.pt instead of training"""
+
+
+# ======================================================================================================
+# Shared helpers (identical in every algorithm file)
+# ======================================================================================================
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill every unset hyper-parameter with the reference's per-task value and reject bad values."""
+    spec = get_task(args.task)
+    if spec.family not in TASK_FAMILIES:
+        raise ValueError(f"{os.path.basename(__file__)} runs {TASK_FAMILIES} tasks, not {spec.name!r}")
+    check_dataset_type(args.dataset)
+    hp = REFERENCE_HPARAMS[spec.name]
+    args.task = spec.name
+    args.lr = hp.lr if args.lr is None else args.lr
+    args.batch_size = hp.batch_size if args.batch_size is None else args.batch_size
+    args.hidden = hp.hidden if args.hidden is None else args.hidden
+    args.tau = hp.tau if args.tau is None else args.tau
+    args.alpha = hp.alpha[args.dataset] if args.alpha is None else args.alpha
+    args.num_updates = hp.num_updates if args.num_updates is None else args.num_updates
+    args.eval_every = hp.eval_every if args.eval_every is None else args.eval_every
+    args.dataset_seed = args.seed if args.dataset_seed is None else args.dataset_seed
+    if args.num_critics < 2:
+        raise ValueError(
+            f"--num-critics must be >= 2 (min over members, ensemble spread), got {args.num_critics}"
+        )
+    if args.batch_size < 2 or args.critic_steps < 1 or args.num_updates < 0 or args.eval_every < 1:
+        raise ValueError(
+            "--batch-size >= 2, --critic-steps >= 1, --num-updates >= 0, --eval-every >= 1 required"
+        )
+    return args
+
+
+@dataclass
+class Batch:
+    """One minibatch, agents on dim 1. rewards/dones keep a trailing 1 so that they broadcast with Q."""
+
+    obs: torch.Tensor  # [B, n, obs_dim]
+    actions: torch.Tensor  # [B, n, act_dim]
+    rewards: torch.Tensor  # [B, 1]  agent 0's reward column, as the reference (ref B6)
+    next_obs: torch.Tensor  # [B, n, obs_dim]
+    next_actions: torch.Tensor  # [B, n, act_dim]  the dataset's action at s'
+    dones: torch.Tensor  # [B, 1]  true terminations only (time limits bootstrap)
+    states: torch.Tensor  # [B, S]
+    next_states: torch.Tensor  # [B, S]
+
+
+def sample_batch(data, batch_size: int, generator: torch.Generator) -> Batch:
+    idx = torch.randint(len(data), (batch_size,), device=data.obs.device, generator=generator)  # D1
+    return Batch(
+        obs=data.obs[idx],
+        actions=data.actions[idx],
+        rewards=data.rewards[idx, :1],
+        next_obs=data.next_obs[idx],
+        next_actions=data.next_actions[idx],
+        dones=data.dones[idx, None],
+        states=data.states[idx],
+        next_states=data.next_states[idx],
+    )
+
+
+def critic_input(states: torch.Tensor, joint_actions: torch.Tensor) -> torch.Tensor:
+    """(s, a_1, ..., a_n) in agent order: states [..., S], joint_actions [..., n, d] -> [..., S + n*d]."""
+    return torch.cat([states, joint_actions.flatten(-2)], dim=-1)
+
+
+def replace_actions(base: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Joint actions whose agent slots in `mask` come from `new` and the others from `base`.
+
+    base, new [..., n, d]; mask [..., n] bool (broadcastable). The one construction behind the counterfactual
+    penalty, the actor loss and the partial-action-replacement targets.
+    """
+    return torch.where(mask[..., None], new, base)
+
+
+def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Polyak update of parameters only; BatchNorm buffers of targets are not averaged (as the reference)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+def clip_grad_norm_per_agent(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ applied to each agent's slice [i] separately (the reference clips each policy alone)."""
+    grads = [p.grad for p in params]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # [n]
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ======================================================================================================
+# Networks (identical in every algorithm file)
+# ======================================================================================================
+
+
+def _linear_init(fan_in: int, *shape: int) -> nn.Parameter:
+    """nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for batched weights."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class Actors(nn.Module):
+    """n deterministic policies pi_i(o_i) = tanh(MLP(BatchNorm(o_i))), one per agent, batched over agents.
+
+    Each agent has its own input BatchNorm (training mode: batch statistics, running averages updated with
+    momentum 0.1; eval mode: running averages) and its own 2-layer ReLU MLP; the last layer starts in
+    U(-3e-3, 3e-3) as in the reference (ref 2). All parameters carry a leading agent dimension n.
+    """
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.bn_weight = nn.Parameter(torch.ones(n, 1, obs_dim))
+        self.bn_bias = nn.Parameter(torch.zeros(n, 1, obs_dim))
+        self.register_buffer("running_mean", torch.zeros(n, 1, obs_dim))
+        self.register_buffer("running_var", torch.ones(n, 1, obs_dim))
+        self.w1, self.b1 = _linear_init(obs_dim, n, obs_dim, hidden), _linear_init(obs_dim, n, 1, hidden)
+        self.w2, self.b2 = _linear_init(hidden, n, hidden, hidden), _linear_init(hidden, n, 1, hidden)
+        self.w3 = nn.Parameter(torch.empty(n, hidden, act_dim).uniform_(-3e-3, 3e-3))
+        self.b3 = _linear_init(hidden, n, 1, act_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # obs [n, M, obs_dim] -> actions [n, M, act_dim]
+        if self.training:
+            mean, var = obs.mean(1, keepdim=True), obs.var(1, unbiased=False, keepdim=True)
+            with torch.no_grad():  # nn.BatchNorm1d's running update uses the unbiased variance
+                m = obs.shape[1]
+                self.running_mean.lerp_(mean, 0.1)
+                self.running_var.lerp_(var * m / max(m - 1, 1), 0.1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        x = (obs - mean) * torch.rsqrt(var + 1e-5) * self.bn_weight + self.bn_bias
+        h = F.relu(torch.baddbmm(self.b1, x, self.w1))
+        h = F.relu(torch.baddbmm(self.b2, h, self.w2))
+        return torch.tanh(torch.baddbmm(self.b3, h, self.w3))
+
+
+class EnsembleCritic(nn.Module):
+    """E centralized critics Q_j(s, a_1..a_n) behind one shared input BatchNorm, batched over members.
+
+    The reference's twin critic is one BatchNorm1d feeding two 2-hidden-layer ReLU heads (ref 2); E = 2
+    reproduces it and E = 10 is the SPaCQL ensemble. The BatchNorm always uses the statistics of the batch it
+    is given, as the reference keeps its critics in training mode (ref B7); inputs come in groups [G, M, in] and
+    every group is normalised by its own statistics, so one call on G groups equals G separate reference calls.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_members: int):
+        super().__init__()
+        self.bn_weight = nn.Parameter(torch.ones(in_dim))
+        self.bn_bias = nn.Parameter(torch.zeros(in_dim))
+        self.w1, self.b1 = (
+            _linear_init(in_dim, num_members, in_dim, hidden),
+            _linear_init(in_dim, num_members, 1, hidden),
+        )
+        self.w2, self.b2 = (
+            _linear_init(hidden, num_members, hidden, hidden),
+            _linear_init(hidden, num_members, 1, hidden),
+        )
+        self.w3, self.b3 = (
+            _linear_init(hidden, num_members, hidden, 1),
+            _linear_init(hidden, num_members, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+        """x [G, M, in] -> Q [E, G, M, 1] (E = the selected members)."""
+        g, m, _ = x.shape
+        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        x = ((x - mean) * torch.rsqrt(var + 1e-5) * self.bn_weight + self.bn_bias).reshape(1, g * m, -1)
+        w1, b1, w2, b2, w3, b3 = (p[members] for p in (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3))
+        h = F.relu(torch.baddbmm(b1, x.expand(w1.shape[0], -1, -1), w1))  # [E, G*M, H]
+        h = F.relu(torch.baddbmm(b2, h, w2))
+        return torch.baddbmm(b3, h, w3).view(-1, g, m, 1)
+
+
+@dataclass
+class Nets:
+    actors: Actors
+    actors_target: Actors
+    critic: EnsembleCritic
+    critic_target: EnsembleCritic
+
+
+# ======================================================================================================
+# ALGORITHM: SPaCQL's soft-partial target (Eq. 3-7; Algorithm 1, lines 5-13)
+# ======================================================================================================
+
+
+def partial_replacement_masks(b: int, n: int, device: torch.device) -> torch.Tensor:
+    """For every k = 1..n and every transition, k distinct agents chosen uniformly at random (Algorithm 1
+    line 7), independently across k and transitions: [n(k), B, n] bool, exactly k True per row."""
+    ranks = torch.rand(n, b, n, device=device).argsort(-1).argsort(-1)  # a uniform random permutation per row
+    return ranks < torch.arange(1, n + 1, device=device)[:, None, None]
+
+
+def soft_partial_weights(u: torch.Tensor) -> torch.Tensor:
+    """w_k = (1/u_k) / sum_k (1/u_k) along dim 0 (the weights below Eq. 7); u [n(k), ...] >= 0."""
+    inv = 1.0 / (u + 1e-6)  # guards u_k = 0 (members that agree exactly)
+    return inv / inv.sum(0, keepdim=True)
+
+
+def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]:
+    """Soft-partial target, Eq. (6): Y = r + gamma (1 - d) sum_k w_k min_j Q'_j(s', a'^(k)), where a'^(k)
+    replaces the dataset next actions of k random agents by smoothed target-policy actions (Eq. 3) and
+    w_k is inverse to u_k, the spread of the online members at (s', a'^(k)) (Eq. 7). Returns Y [G=1, B, 1]."""
+    with torch.no_grad():
+        b, n, _ = batch.actions.shape
+        next_pi = nets.actors_target(batch.next_obs.transpose(0, 1)).transpose(0, 1)  # [B, n, d]
+        next_pi = (next_pi + args.target_noise * torch.randn_like(next_pi)).clamp(-1.0, 1.0)
+        mask = partial_replacement_masks(b, n, next_pi.device)  # [n(k), B, n]
+        joint = replace_actions(batch.next_actions[None], next_pi[None], mask)  # [n, B, n, d] a'^(k), Eq. 3
+        x = critic_input(batch.next_states[None].expand(n, b, -1), joint)  # [n, B, in], BN group per k
+        u = nets.critic(x).std(0)  # [n(k), B, 1]  Eq. (7): online members (Algorithm 1 line 10)
+        q_next = nets.critic_target(x)  # [E, n(k), B, 1]
+        w = soft_partial_weights(u)  # [n(k), B, 1]
+        y_soft = (w * q_next.min(0).values).sum(0, keepdim=True)  # [1, B, 1]  Eq. (6) / Algorithm 1 line 12
+        y = batch.rewards + args.gamma * (1.0 - batch.dones) * y_soft
+    k = torch.arange(1, n + 1, device=w.device, dtype=w.dtype)
+    return y, {
+        "charts/target_spread": q_next.std(0).mean(),
+        "charts/w": w.mean((1, 2)),  # [n] mean w_k per k (the paper's Figure 3)
+        "charts/u": u.mean((1, 2)),  # [n] mean u_k per k
+        "charts/k_eff": (w[..., 0] * k[:, None]).sum(0).mean(),  # k_eff = sum_k w_k k (Theorem 3)
+    }
+
+
+# ======================================================================================================
+# Conservative penalty and actor loss (identical in every algorithm file)
+# ======================================================================================================
+
+
+def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, log_density) -> torch.Tensor:
+    """Z_i = log sum_j exp(Q(s, a_{-i}, u_ij) - log p(u_ij)) for every agent i and member (ref 3.2, 3.3).
+
+    states [B, S]; slot_actions [n, B, M, d]: agent i's sampled actions (slot i); other_actions [B, M, n, d]:
+    the joint actions whose slot i is replaced; log_density [n, B, M] (soft_q correction; no -log M term, as
+    the reference). All n*B*M counterfactual inputs go through the critic in ONE forward (one BatchNorm group,
+    as the reference). Returns Z [E, n, B].
+    """
+    n, b, m, _ = slot_actions.shape
+    mask = torch.eye(n, dtype=torch.bool, device=states.device)[:, None, None, :]  # [n(i), 1, 1, n]
+    joint = replace_actions(other_actions[None], slot_actions[:, :, :, None, :], mask)  # [n, B, M, n, d]
+    x = critic_input(states[None, :, None].expand(n, b, m, -1), joint)  # [n, B, M, S + n*d]
+    q = nets.critic(x.reshape(1, n * b * m, -1)).view(-1, n, b, m)  # [E, n, B, M]
+    return torch.logsumexp(q - log_density, dim=-1)  # temperature 1
+
+
+def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> torch.Tensor:
+    """CFCQL's counterfactual conservative term, summed over members (ref 3.2 MPE, 3.3 HalfCheetah):
+    sum_j mean_b [ sum_i lambda_i Z^j_{i,b} - Q_j(s_b, a_b) ], lambda_i = 1/n (tau = 0, the paper's setting)."""
+    b, n, d = batch.actions.shape
+    m = args.num_cql_samples
+    uniform = torch.rand(n, b, m, d, device=q_data.device) * 2.0 - 1.0  # U(-1, 1)^d for agent i only
+    uniform_logp = torch.full((n, b, m), d * math.log(0.5), device=q_data.device)
+    data_actions = batch.actions[:, None].expand(b, m, n, d)  # others keep the exact data actions (ref B5)
+    if get_task(args.task).family == "mpe":  # uniform samples only (ref 3.2)
+        slot, others, logp = uniform, data_actions, uniform_logp
+    else:  # random + current-policy + next-policy samples, each with its own density (ref 3.3, D2)
+        with (
+            torch.no_grad()
+        ):  # training-mode forwards: they update the actors' BatchNorm averages, as the reference
+            pi = nets.actors(batch.obs.transpose(0, 1))[:, :, None]  # [n, B, 1, d]
+            next_pi = nets.actors(batch.next_obs.transpose(0, 1))[:, :, None]
+        eps_pi = args.policy_sample_noise * torch.randn(n, b, m, d, device=q_data.device)
+        eps_next = args.policy_sample_noise * torch.randn(n, b, m, d, device=q_data.device)
+
+        def gauss_logp(eps):  # log N(eps; 0, sigma^2 I) of the unclamped noise, summed over action dims
+            s = args.policy_sample_noise
+            return (-0.5 * (eps / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+        slot = torch.cat([uniform, (pi + eps_pi).clamp(-1, 1), (next_pi + eps_next).clamp(-1, 1)], dim=2)
+        next_data = batch.next_actions[:, None].expand(b, m, n, d)  # at the CURRENT state s (ref B4)
+        others = torch.cat([data_actions, data_actions, next_data], dim=1)  # [B, 3M, n, d]
+        logp = torch.cat([uniform_logp, gauss_logp(eps_pi), gauss_logp(eps_next)], dim=2)
+    z = counterfactual_logsumexp(nets, batch.states, slot, others, logp)  # [E, n, B]
+    return (z.mean(1) - q_data.view(z.shape[0], b)).mean(1).sum(0)
+
+
+def actor_loss(batch: Batch, nets: Nets, args: Args) -> torch.Tensor:
+    """Counterfactual policy loss (ref 3.6): -mean_{i,b} Q_1(s, a_{-i}, pi_i(o_i)) + l2 * sum_i mean(pi_i^2)."""
+    b, n, d = batch.actions.shape
+    pi = nets.actors(batch.obs.transpose(0, 1))  # [n, B, d]
+    mask = torch.eye(n, dtype=torch.bool, device=pi.device)[:, None, :]  # [n(i), 1, n]
+    joint = replace_actions(batch.actions[None], pi[:, :, None, :], mask)  # [n, B, n, d]
+    x = critic_input(batch.states[None].expand(n, b, -1), joint).reshape(1, n * b, -1)
+    q1 = nets.critic(x, members=slice(0, 1))  # [1, 1, n*B, 1]  member 1 only
+    return -q1.mean() + args.actor_l2 * pi.pow(2).mean(dim=(1, 2)).sum()
+
+
+# ======================================================================================================
+# Update round (identical in every algorithm file)
+# ======================================================================================================
+
+
+def critic_step(batch: Batch, nets: Nets, critic_opt, args: Args) -> dict:
+    q_data = nets.critic(critic_input(batch.states, batch.actions)[None])  # [E, 1, B, 1]
+    y, info = td_target(batch, nets, args)  # [G, B, 1]
+    td_loss = (q_data - y).pow(2).mean(dim=(1, 2, 3)).sum()  # sum over members of the mean TD error
+    penalty = cql_penalty(batch, nets, q_data, args)
+    loss = td_loss + args.alpha * penalty
+    critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(nets.critic.parameters(), args.grad_clip)
+    critic_opt.step()
+    info |= {
+        "losses/td": td_loss.detach(),
+        "losses/cql_penalty": penalty.detach(),
+        "charts/q_data": q_data.mean().detach(),
+    }
+    return info
+
+
+def actor_step(batch: Batch, nets: Nets, actor_opt, args: Args) -> dict:
+    loss = actor_loss(batch, nets, args)
+    params = list(nets.actors.parameters())
+    for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):  # no gradient into the critic
+        p.grad = g
+    clip_grad_norm_per_agent(params, args.grad_clip)
+    actor_opt.step()
+    return {"losses/actor": loss.detach()}
+
+
+def update_round(data, nets: Nets, critic_opt, actor_opt, args: Args, generator: torch.Generator) -> dict:
+    """One reference round (ref 1.1): critic step + actor step on one minibatch, critic_steps - 1 critic-only
+    steps on fresh minibatches, then one soft update of every target network."""
+    batch = sample_batch(data, args.batch_size, generator)
+    info = critic_step(batch, nets, critic_opt, args)
+    info |= actor_step(batch, nets, actor_opt, args)
+    for _ in range(args.critic_steps - 1):
+        critic_step(sample_batch(data, args.batch_size, generator), nets, critic_opt, args)
+    soft_update(nets.critic_target, nets.critic, args.tau)
+    soft_update(nets.actors_target, nets.actors, args.tau)
+    return info
+
+
+def make_nets(spec, args: Args, device: torch.device) -> Nets:
+    actors = Actors(spec.n_agents, spec.obs_dim, spec.act_dim, args.hidden).to(device)
+    critic = EnsembleCritic(spec.state_dim + spec.n_agents * spec.act_dim, args.hidden, args.num_critics).to(
+        device
+    )
+    actors_target = Actors(spec.n_agents, spec.obs_dim, spec.act_dim, args.hidden).to(device)
+    critic_target = EnsembleCritic(critic.w1.shape[1], args.hidden, args.num_critics).to(device)
+    actors_target.load_state_dict(actors.state_dict())
+    critic_target.load_state_dict(critic.state_dict())
+    return Nets(actors, actors_target, critic, critic_target)
+
+
+def run_evaluation(nets: Nets, env, args: Args, device) -> tuple[float, float]:
+    nets.actors.eval()  # running BatchNorm statistics, deterministic actions
+    returns = evaluate(nets.actors, env, seed=args.seed + 100, device=device)
+    nets.actors.train()
+    mean_return = float(returns.mean())
+    return mean_return, normalized_score(args.task, mean_return)
+
+
+# ======================================================================================================
+# main
+# ======================================================================================================
+
+
+def main(args: Args) -> dict:
+    args = resolve_args(args)
+    spec = get_task(args.task)
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # minibatch indices only (D1)
+    run_name = f"{args.exp_name}__{args.task}__{args.dataset}__{args.seed}__{int(time.time())}"
+    run_path = os.path.join(args.run_dir, run_name)
+    writer = SummaryWriter(run_path)
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    )
+
+    nets = make_nets(spec, args, device)
+    critic_opt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
+    actor_opt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)  # elementwise: = one Adam per agent
+    env = make_vec_env(args.task, args.num_eval_episodes)
+
+    if args.load_model:  # evaluate a saved run
+        ckpt = torch.load(args.load_model, map_location=device, weights_only=False)
+        nets.actors.load_state_dict(ckpt["actors"])
+        mean_return, score = run_evaluation(nets, env, args, device)
+        print(f"{args.load_model}: return {mean_return:.2f}, normalized score {score:.2f}")
+        return {"return": mean_return, "normalized_score": score}
+
+    path = ensure_dataset(args.task, args.dataset, args.dataset_seed, args.data_dir)
+    data = load_dataset(path, task=args.task, dataset=args.dataset, device=device)
+
+    start, history = time.time(), []
+    pending: list[dict] = []
+    bar = tqdm(range(args.num_updates), desc=run_name, disable=not sys.stderr.isatty(), smoothing=0.05)
+    for round_ in bar:
+        if round_ % args.eval_every == 0:
+            mean_return, score = run_evaluation(nets, env, args, device)
+            history.append((round_, mean_return, score))
+            writer.add_scalar("eval/return", mean_return, round_)
+            writer.add_scalar("eval/normalized_score", score, round_)
+            bar.set_postfix(score=f"{score:.1f}")
+        pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
+        if (round_ + 1) % args.log_every == 0:  # one host sync per log window, not per round
+            for k in pending[0]:
+                mean = torch.stack([p[k] for p in pending]).float().mean(0)  # scalar, or [n] per-k values
+                for tag, v in zip(
+                    [k] if mean.dim() == 0 else [f"{k}_{j + 1}" for j in range(len(mean))],
+                    mean.flatten().tolist(),
+                    strict=True,
+                ):
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"{tag} became {v} at round {round_}; training diverged")
+                    writer.add_scalar(tag, v, round_)
+            writer.add_scalar("charts/rounds_per_s", (round_ + 1) / (time.time() - start), round_)
+            pending.clear()
+
+    mean_return, score = run_evaluation(nets, env, args, device)  # the headline number (D4)
+    history.append((args.num_updates, mean_return, score))
+    writer.add_scalar("eval/return", mean_return, args.num_updates)
+    writer.add_scalar("eval/normalized_score", score, args.num_updates)
+    wall = time.time() - start
+    result = {
+        "algo": args.exp_name,
+        "task": args.task,
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "final_return": mean_return,
+        "final_normalized_score": score,
+        "wall_time_s": wall,
+        "device": str(device),
+        "eval_history": history,
+        "args": asdict(args),
+    }
+    tmp = os.path.join(run_path, "final.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(run_path, "final.json"))
+    if args.save_model:
+        state = {
+            "actors": nets.actors.state_dict(),
+            "actors_target": nets.actors_target.state_dict(),
+            "critic": nets.critic.state_dict(),
+            "critic_target": nets.critic_target.state_dict(),
+            "critic_opt": critic_opt.state_dict(),
+            "actor_opt": actor_opt.state_dict(),
+            "round": args.num_updates,
+            "args": asdict(args),
+        }
+        torch.save(state, os.path.join(run_path, "model.pt.tmp"))
+        os.replace(os.path.join(run_path, "model.pt.tmp"), os.path.join(run_path, "model.pt"))
+    writer.close()
+    print(
+        f"final: return {mean_return:.2f}, normalized score {score:.2f} ({wall:.0f} s) -> {run_path}/final.json"
+    )
+    return result | {"run_path": run_path}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
