@@ -1,0 +1,148 @@
+"""Speed of one update round (1 critic+actor step, 4 critic steps, 1 target update) of every algorithm.
+
+Synthetic data of the real shapes (no dataset needed). Per case it prints the median and min-max milliseconds per
+round over repeats, the FLOPs of one round (matrix multiplies, counted by torch.utils.flop_counter on the real
+code), the achieved GFLOP/s, device, dtype and threads, and the projected time of the reference schedule;
+then one machine-readable line
+    RESULT algo=<name> task=<cn|pp|world|halfcheetah> device=<cpu|cuda> dtype=<fp32|bf16> ms_per_round=<float>
+
+    python benchmarks/bench_algos.py                      # every algorithm, cn and halfcheetah, 2 threads
+    python benchmarks/bench_algos.py --algos spacql_mpe --tasks cn world --rounds 20 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.tasks import get_task  # noqa: E402
+
+FAMILY_OF = {"cfcql": None, "icql_qs": None, "spacql_mpe": "mpe", "spacql_mamujoco": "mamujoco"}
+
+
+def synthetic_data(spec, n_transitions: int, device) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(0)
+    n, o, d = spec.n_agents, spec.obs_dim, spec.act_dim
+    obs = torch.randn(n_transitions, n, o, generator=g)
+    next_obs = torch.randn(n_transitions, n, o, generator=g)
+    states = (
+        obs.flatten(1) if spec.family == "mpe" else torch.randn(n_transitions, spec.state_dim, generator=g)
+    )
+    next_states = (
+        next_obs.flatten(1)
+        if spec.family == "mpe"
+        else torch.randn(n_transitions, spec.state_dim, generator=g)
+    )
+    data = SimpleNamespace(
+        obs=obs,
+        actions=torch.rand(n_transitions, n, d, generator=g) * 2 - 1,
+        rewards=torch.randn(n_transitions, n, generator=g),
+        next_obs=next_obs,
+        next_actions=torch.rand(n_transitions, n, d, generator=g) * 2 - 1,
+        dones=torch.zeros(n_transitions),
+        states=states,
+        next_states=next_states,
+    )
+    for k, v in vars(data).items():
+        setattr(data, k, v.to(device))
+    return data
+
+
+class Data(SimpleNamespace):
+    def __len__(self):
+        return self.obs.shape[0]
+
+
+def bench(algo: str, task: str, device, rounds: int, repeats: int, bf16: bool) -> dict:
+    module = importlib.import_module(algo)
+    spec = get_task(task)
+    args = module.resolve_args(module.Args(task=task, dataset="random", cuda=device.type == "cuda"))
+    torch.manual_seed(0)
+    nets = module.make_nets(spec, args, device)
+    copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
+    aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
+    data = Data(**vars(synthetic_data(spec, 100_000, device)))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def one_round():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return module.update_round(data, nets, copt, aopt, args, gen)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with FlopCounterMode(display=False) as counter:
+        one_round()
+    flops = counter.get_total_flops()
+    for _ in range(3):  # warm-up
+        one_round()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            one_round()
+        sync()
+        times.append((time.perf_counter() - t0) / rounds * 1e3)
+    ms = statistics.median(times)
+    return {
+        "algo": algo,
+        "task": task,
+        "device": device.type,
+        "dtype": "bf16" if bf16 else "fp32",
+        "threads": torch.get_num_threads(),
+        "ms": ms,
+        "min": min(times),
+        "max": max(times),
+        "gflop": flops / 1e9,
+        "gflops": flops / 1e9 / (ms / 1e3),
+        "full_run_min": ms * args.num_updates / 1e3 / 60,
+        "num_updates": args.num_updates,
+        "E": args.num_critics,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=list(FAMILY_OF))
+    p.add_argument("--tasks", nargs="+", default=["cn", "world", "halfcheetah"])
+    p.add_argument("--rounds", type=int, default=10, help="rounds per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    for algo in a.algos:
+        for task in a.tasks:
+            family = FAMILY_OF[algo]
+            if family is not None and get_task(task).family != family:
+                continue
+            for bf16 in [False, True] if a.bf16 else [False]:
+                r = bench(algo, task, device, a.rounds, a.repeats, bf16)
+                print(
+                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']} threads={r['threads']}: "
+                    f"{r['ms']:8.1f} ms/round (min {r['min']:.1f}, max {r['max']:.1f}), {r['gflop']:6.2f} GFLOP/round, "
+                    f"{r['gflops']:6.1f} GFLOP/s, full run ({r['num_updates']} rounds) {r['full_run_min']:.1f} min",
+                    flush=True,
+                )
+                print(
+                    f"RESULT algo={algo} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
