@@ -167,11 +167,6 @@ def sample_batch(data, batch_size: int, generator: torch.Generator) -> Batch:
     )
 
 
-def critic_input(states: torch.Tensor, joint_actions: torch.Tensor) -> torch.Tensor:
-    """(s, a_1, ..., a_n) in agent order: states [..., S], joint_actions [..., n, d] -> [..., S + n*d]."""
-    return torch.cat([states, joint_actions.flatten(-2)], dim=-1)
-
-
 def replace_actions(base: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Joint actions whose agent slots in `mask` come from `new` and the others from `base`.
 
@@ -251,38 +246,47 @@ class Actors(nn.Module):
 class EnsembleCritic(nn.Module):
     """E centralized critics Q_j(s, a_1..a_n) behind one shared input BatchNorm, batched over members.
 
-    The reference's twin critic is one BatchNorm1d feeding two 2-hidden-layer ReLU heads (ref 2); E = 2
-    reproduces it and E = 10 is the SPaCQL ensemble. The BatchNorm always uses the statistics of the batch it
-    is given, as the reference keeps its critics in training mode (ref B7); inputs come in groups [G, M, in] and
-    every group is normalised by its own statistics, so one call on G groups equals G separate reference calls.
+    The reference's twin critic is one BatchNorm1d on (s, a_1, ..., a_n) feeding two 2-hidden-layer ReLU heads
+    (ref 2); E = 2 reproduces it and E = 10 is the SPaCQL ensemble. The BatchNorm always uses the statistics of
+    the batch it is given, as the reference keeps its critics in training mode (ref B7).
+
+    Inputs come as states [Gs, B, S] (Gs = 1 or G) and joint actions [G, B, R, n*d]: row (g, b, r) is the input
+    (states[g, b], actions[g, b, r]), i.e. R actions per state, and each group g is normalised by the statistics
+    of its own B*R rows, so one call on G groups equals G separate reference calls. Because every state occurs
+    exactly R times in its group, the state features' statistics are those of the B states, and the first
+    layer's state half runs on B rows instead of B*R (exact; it halves the work of the penalty's forward).
     """
 
-    def __init__(self, in_dim: int, hidden: int, num_members: int):
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, num_members: int):
         super().__init__()
+        in_dim, e = state_dim + action_dim, num_members
         self.bn_weight = nn.Parameter(torch.ones(in_dim))
         self.bn_bias = nn.Parameter(torch.zeros(in_dim))
-        self.w1, self.b1 = (
-            _linear_init(in_dim, num_members, in_dim, hidden),
-            _linear_init(in_dim, num_members, 1, hidden),
-        )
-        self.w2, self.b2 = (
-            _linear_init(hidden, num_members, hidden, hidden),
-            _linear_init(hidden, num_members, 1, hidden),
-        )
-        self.w3, self.b3 = (
-            _linear_init(hidden, num_members, hidden, 1),
-            _linear_init(hidden, num_members, 1, 1),
-        )
+        self.w1_state = _linear_init(in_dim, e, state_dim, hidden)  # = one nn.Linear(in_dim, hidden), split
+        self.w1_action = _linear_init(in_dim, e, action_dim, hidden)
+        self.b1 = _linear_init(in_dim, e, 1, hidden)
+        self.w2, self.b2 = _linear_init(hidden, e, hidden, hidden), _linear_init(hidden, e, 1, hidden)
+        self.w3, self.b3 = _linear_init(hidden, e, hidden, 1), _linear_init(hidden, e, 1, 1)
 
-    def forward(self, x: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
-        """x [G, M, in] -> Q [E, G, M, 1] (E = the selected members)."""
-        g, m, _ = x.shape
-        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
-        x = ((x - mean) * torch.rsqrt(var + 1e-5) * self.bn_weight + self.bn_bias).reshape(1, g * m, -1)
-        w1, b1, w2, b2, w3, b3 = (p[members] for p in (self.w1, self.b1, self.w2, self.b2, self.w3, self.b3))
-        h = F.relu(torch.baddbmm(b1, x.expand(w1.shape[0], -1, -1), w1))  # [E, G*M, H]
+    def forward(
+        self, states: torch.Tensor, actions: torch.Tensor, members: slice = slice(None)
+    ) -> torch.Tensor:
+        """states [Gs, B, S], actions [G, B, R, A] -> Q [E, G, B, R] (E = the selected members)."""
+        g, b, r, a_dim = actions.shape
+        s_dim = states.shape[-1]
+        s_mean, s_var = states.mean(1, keepdim=True), states.var(1, unbiased=False, keepdim=True)
+        a_mean, a_var = actions.mean((1, 2), keepdim=True), actions.var((1, 2), unbiased=False, keepdim=True)
+        s = (states - s_mean) * torch.rsqrt(s_var + 1e-5) * self.bn_weight[:s_dim] + self.bn_bias[:s_dim]
+        a = (actions - a_mean) * torch.rsqrt(a_var + 1e-5) * self.bn_weight[s_dim:] + self.bn_bias[s_dim:]
+        w1s, w1a, b1, w2, b2, w3, b3 = (
+            p[members] for p in (self.w1_state, self.w1_action, self.b1, self.w2, self.b2, self.w3, self.b3)
+        )
+        e, h_dim = w1s.shape[0], w1s.shape[2]
+        h_state = torch.matmul(s.reshape(1, -1, s_dim), w1s).view(e, -1, b, 1, h_dim)  # [E, Gs, B, 1, H]
+        h_action = torch.matmul(a.reshape(1, -1, a_dim), w1a).view(e, g, b, r, h_dim)  # [E, G, B, R, H]
+        h = F.relu(h_action + h_state + b1.view(e, 1, 1, 1, h_dim)).view(e, g * b * r, h_dim)
         h = F.relu(torch.baddbmm(b2, h, w2))
-        return torch.baddbmm(b3, h, w3).view(-1, g, m, 1)
+        return torch.baddbmm(b3, h, w3).view(e, g, b, r)
 
 
 @dataclass
@@ -308,8 +312,8 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
         next_pi = (next_pi + args.target_noise * torch.randn_like(next_pi)).clamp(-1.0, 1.0)
         mask = torch.eye(n, dtype=torch.bool, device=next_pi.device)[:, None, :]  # [n(i), 1, n]: agent i only
         joint = replace_actions(batch.next_actions[None], next_pi[None], mask)  # [n, B, n, d]  Eq. (1)
-        x = critic_input(batch.next_states[None].expand(n, b, -1), joint)  # [n, B, in], BN group per i
-        q_next = nets.critic_target(x)  # [E, n, B, 1]
+        # one BatchNorm group per agent i, as n separate reference calls
+        q_next = nets.critic_target(batch.next_states[None], joint.flatten(2)[:, :, None])  # [E, n, B, 1]
         y = batch.rewards + args.gamma * (1.0 - batch.dones) * q_next.min(0).values  # [n, B, 1]
     return y, {"charts/target_spread": q_next.std(0).mean()}
 
@@ -322,16 +326,15 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, log_density) -> torch.Tensor:
     """Z_i = log sum_j exp(Q(s, a_{-i}, u_ij) - log p(u_ij)) for every agent i and member (ref 3.2, 3.3).
 
-    states [B, S]; slot_actions [n, B, M, d]: agent i's sampled actions (slot i); other_actions [B, M, n, d]:
-    the joint actions whose slot i is replaced; log_density [n, B, M] (soft_q correction; no -log M term, as
+    states [B, S]; slot_actions [B, n, M, d]: agent i's sampled actions (slot i); other_actions [B, M, n, d]:
+    the joint actions whose slot i is replaced; log_density [B, n, M] (soft_q correction; no -log M term, as
     the reference). All n*B*M counterfactual inputs go through the critic in ONE forward (one BatchNorm group,
-    as the reference). Returns Z [E, n, B].
+    as the reference). Returns Z [E, B, n].
     """
-    n, b, m, _ = slot_actions.shape
-    mask = torch.eye(n, dtype=torch.bool, device=states.device)[:, None, None, :]  # [n(i), 1, 1, n]
-    joint = replace_actions(other_actions[None], slot_actions[:, :, :, None, :], mask)  # [n, B, M, n, d]
-    x = critic_input(states[None, :, None].expand(n, b, m, -1), joint)  # [n, B, M, S + n*d]
-    q = nets.critic(x.reshape(1, n * b * m, -1)).view(-1, n, b, m)  # [E, n, B, M]
+    b, n, m, _ = slot_actions.shape
+    mask = torch.eye(n, dtype=torch.bool, device=states.device)[:, None, :]  # [n(i), 1, n]
+    joint = replace_actions(other_actions[:, None], slot_actions[:, :, :, None, :], mask)  # [B, n, M, n, d]
+    q = nets.critic(states[None], joint.reshape(1, b, n * m, -1)).view(-1, b, n, m)  # [E, B, n, M]
     return torch.logsumexp(q - log_density, dim=-1)  # temperature 1
 
 
@@ -340,8 +343,8 @@ def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> t
     sum_j mean_b [ sum_i lambda_i Z^j_{i,b} - Q_j(s_b, a_b) ], lambda_i = 1/n (tau = 0, the paper's setting)."""
     b, n, d = batch.actions.shape
     m = args.num_cql_samples
-    uniform = torch.rand(n, b, m, d, device=q_data.device) * 2.0 - 1.0  # U(-1, 1)^d for agent i only
-    uniform_logp = torch.full((n, b, m), d * math.log(0.5), device=q_data.device)
+    uniform = torch.rand(b, n, m, d, device=q_data.device) * 2.0 - 1.0  # U(-1, 1)^d for agent i only
+    uniform_logp = torch.full((b, n, m), d * math.log(0.5), device=q_data.device)
     data_actions = batch.actions[:, None].expand(b, m, n, d)  # others keep the exact data actions (ref B5)
     if get_task(args.task).family == "mpe":  # uniform samples only (ref 3.2)
         slot, others, logp = uniform, data_actions, uniform_logp
@@ -349,10 +352,10 @@ def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> t
         with (
             torch.no_grad()
         ):  # training-mode forwards: they update the actors' BatchNorm averages, as the reference
-            pi = nets.actors(batch.obs.transpose(0, 1))[:, :, None]  # [n, B, 1, d]
-            next_pi = nets.actors(batch.next_obs.transpose(0, 1))[:, :, None]
-        eps_pi = args.policy_sample_noise * torch.randn(n, b, m, d, device=q_data.device)
-        eps_next = args.policy_sample_noise * torch.randn(n, b, m, d, device=q_data.device)
+            pi = nets.actors(batch.obs.transpose(0, 1)).transpose(0, 1)[:, :, None]  # [B, n, 1, d]
+            next_pi = nets.actors(batch.next_obs.transpose(0, 1)).transpose(0, 1)[:, :, None]
+        eps_pi = args.policy_sample_noise * torch.randn(b, n, m, d, device=q_data.device)
+        eps_next = args.policy_sample_noise * torch.randn(b, n, m, d, device=q_data.device)
 
         def gauss_logp(eps):  # log N(eps; 0, sigma^2 I) of the unclamped noise, summed over action dims
             s = args.policy_sample_noise
@@ -362,18 +365,19 @@ def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> t
         next_data = batch.next_actions[:, None].expand(b, m, n, d)  # at the CURRENT state s (ref B4)
         others = torch.cat([data_actions, data_actions, next_data], dim=1)  # [B, 3M, n, d]
         logp = torch.cat([uniform_logp, gauss_logp(eps_pi), gauss_logp(eps_next)], dim=2)
-    z = counterfactual_logsumexp(nets, batch.states, slot, others, logp)  # [E, n, B]
-    return (z.mean(1) - q_data.view(z.shape[0], b)).mean(1).sum(0)
+    z = counterfactual_logsumexp(nets, batch.states, slot, others, logp)  # [E, B, n]
+    return (z.mean(2) - q_data.view(z.shape[0], b)).mean(1).sum(0)
 
 
 def actor_loss(batch: Batch, nets: Nets, args: Args) -> torch.Tensor:
     """Counterfactual policy loss (ref 3.6): -mean_{i,b} Q_1(s, a_{-i}, pi_i(o_i)) + l2 * sum_i mean(pi_i^2)."""
     b, n, d = batch.actions.shape
     pi = nets.actors(batch.obs.transpose(0, 1))  # [n, B, d]
-    mask = torch.eye(n, dtype=torch.bool, device=pi.device)[:, None, :]  # [n(i), 1, n]
-    joint = replace_actions(batch.actions[None], pi[:, :, None, :], mask)  # [n, B, n, d]
-    x = critic_input(batch.states[None].expand(n, b, -1), joint).reshape(1, n * b, -1)
-    q1 = nets.critic(x, members=slice(0, 1))  # [1, 1, n*B, 1]  member 1 only
+    mask = torch.eye(n, dtype=torch.bool, device=pi.device)  # [n(i), n]
+    joint = replace_actions(
+        batch.actions[:, None], pi.transpose(0, 1)[:, :, None, :], mask
+    )  # [B, n(i), n, d]
+    q1 = nets.critic(batch.states[None], joint.reshape(1, b, n, n * d), members=slice(0, 1))  # [1, 1, B, n]
     return -q1.mean() + args.actor_l2 * pi.pow(2).mean(dim=(1, 2)).sum()
 
 
@@ -383,7 +387,7 @@ def actor_loss(batch: Batch, nets: Nets, args: Args) -> torch.Tensor:
 
 
 def critic_step(batch: Batch, nets: Nets, critic_opt, args: Args) -> dict:
-    q_data = nets.critic(critic_input(batch.states, batch.actions)[None])  # [E, 1, B, 1]
+    q_data = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])  # [E, 1, B, 1]
     y, info = td_target(batch, nets, args)  # [G, B, 1]
     td_loss = (q_data - y).pow(2).mean(dim=(1, 2, 3)).sum()  # sum over members of the mean TD error
     penalty = cql_penalty(batch, nets, q_data, args)
@@ -424,12 +428,11 @@ def update_round(data, nets: Nets, critic_opt, actor_opt, args: Args, generator:
 
 
 def make_nets(spec, args: Args, device: torch.device) -> Nets:
-    actors = Actors(spec.n_agents, spec.obs_dim, spec.act_dim, args.hidden).to(device)
-    critic = EnsembleCritic(spec.state_dim + spec.n_agents * spec.act_dim, args.hidden, args.num_critics).to(
-        device
-    )
-    actors_target = Actors(spec.n_agents, spec.obs_dim, spec.act_dim, args.hidden).to(device)
-    critic_target = EnsembleCritic(critic.w1.shape[1], args.hidden, args.num_critics).to(device)
+    n, obs_dim, act_dim = spec.n_agents, spec.obs_dim, spec.act_dim
+    actors = Actors(n, obs_dim, act_dim, args.hidden).to(device)
+    critic = EnsembleCritic(spec.state_dim, n * act_dim, args.hidden, args.num_critics).to(device)
+    actors_target = Actors(n, obs_dim, act_dim, args.hidden).to(device)
+    critic_target = EnsembleCritic(spec.state_dim, n * act_dim, args.hidden, args.num_critics).to(device)
     actors_target.load_state_dict(actors.state_dict())
     critic_target.load_state_dict(critic.state_dict())
     return Nets(actors, actors_target, critic, critic_target)

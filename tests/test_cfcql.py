@@ -41,20 +41,21 @@ def toy_setup(task="cn", num_critics=2, b=5, hidden=16, seed=0):
 
 def member_nets(critic: cfcql.EnsembleCritic):
     """The ensemble as E separate nn.Sequential networks (weights copied) sharing one input BatchNorm."""
-    bn = nn.BatchNorm1d(critic.w1.shape[1])
+    w1 = torch.cat([critic.w1_state, critic.w1_action], dim=1)  # the first layer acts on (s, a_1..a_n)
+    bn = nn.BatchNorm1d(w1.shape[1])
     bn.weight.data.copy_(critic.bn_weight.data)
     bn.bias.data.copy_(critic.bn_bias.data)
     members = []
-    for j in range(critic.w1.shape[0]):
+    for j in range(w1.shape[0]):
         layers = [
-            nn.Linear(critic.w1.shape[1], critic.w1.shape[2]),
+            nn.Linear(w1.shape[1], w1.shape[2]),
             nn.ReLU(),
             nn.Linear(critic.w2.shape[1], critic.w2.shape[2]),
             nn.ReLU(),
             nn.Linear(critic.w3.shape[1], 1),
         ]
         for lin, w, bias in zip(
-            layers[::2], (critic.w1, critic.w2, critic.w3), (critic.b1, critic.b2, critic.b3), strict=True
+            layers[::2], (w1, critic.w2, critic.w3), (critic.b1, critic.b2, critic.b3), strict=True
         ):
             lin.weight.data.copy_(w.data[j].T)
             lin.bias.data.copy_(bias.data[j, 0])
@@ -69,18 +70,24 @@ def slow_q(critic, inputs):
     return torch.stack([m(x)[:, 0] for m in members])
 
 
-def test_batched_ensemble_equals_loop_over_members():
+@pytest.mark.parametrize("shared_states", [True, False])
+def test_batched_ensemble_equals_loop_over_members(shared_states):
     torch.manual_seed(0)
-    critic = cfcql.EnsembleCritic(in_dim=11, hidden=8, num_members=10)
-    x = torch.randn(3, 40, 11)  # 3 groups: each normalised by its own batch statistics
-    fast = critic(x)  # [E, G, M, 1]
-    assert fast.shape == (10, 3, 40, 1)
+    critic = cfcql.EnsembleCritic(state_dim=7, action_dim=4, hidden=8, num_members=10)
+    g, b, r = 3, 20, 5  # 3 groups, each normalised by its own statistics; 5 actions per state
+    states = torch.randn(1 if shared_states else g, b, 7) * 2 + 1
+    actions = torch.rand(g, b, r, 4) * 2 - 1
+    fast = critic(states, actions)
+    assert fast.shape == (10, g, b, r)
     bn, members = member_nets(critic)
-    for g in range(3):
-        h = bn(x[g])
-        slow = torch.stack([m(h) for m in members])  # [E, M, 1]
-        torch.testing.assert_close(fast[:, g], slow, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(critic(x, members=slice(0, 1))[0], fast[0])
+    for k in range(g):
+        rows = torch.cat(
+            [states[0 if shared_states else k, :, None].expand(b, r, 7), actions[k]], -1
+        )  # [B, R, 11]
+        h = bn(rows.reshape(b * r, 11))  # one reference call on the group's B*R rows
+        slow = torch.stack([m(h)[:, 0] for m in members]).view(10, b, r)
+        torch.testing.assert_close(fast[:, k], slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(critic(states, actions, members=slice(0, 1))[0], fast[0])
 
 
 def test_batched_actors_equal_separate_policies_including_batchnorm_running_stats():
@@ -154,13 +161,13 @@ def slow_penalty(nets, batch, slot_rows, other_rows, logp_rows):
 def test_mpe_penalty_equals_slow_computation():
     spec, args, nets, batch = toy_setup("cn", num_critics=3, b=4)
     args.num_cql_samples = 6
-    q_data = nets.critic(cfcql.critic_input(batch.states, batch.actions)[None])
+    q_data = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])
     torch.manual_seed(123)
     fast = cfcql.cql_penalty(batch, nets, q_data, args).item()
     torch.manual_seed(123)  # the same uniform draws, in the same order
     n, b, m, d = spec.n_agents, 4, 6, spec.act_dim
-    u = torch.rand(n, b, m, d) * 2 - 1
-    slots = [[list(u[i, bb]) for bb in range(b)] for i in range(n)]
+    u = torch.rand(b, n, m, d) * 2 - 1
+    slots = [[list(u[bb, i]) for bb in range(b)] for i in range(n)]
     others = [[[batch.actions[bb]] * m for bb in range(b)] for i in range(n)]
     logp = [[[d * math.log(0.5)] * m for _ in range(b)] for _ in range(n)]
     assert fast == pytest.approx(slow_penalty(nets, batch, slots, others, logp), rel=1e-4, abs=1e-4)
@@ -169,18 +176,18 @@ def test_mpe_penalty_equals_slow_computation():
 def test_halfcheetah_penalty_equals_slow_computation_with_correct_density_pairing():
     spec, args, nets, batch = toy_setup("halfcheetah", num_critics=2, b=3)
     args.num_cql_samples = 4
-    q_data = nets.critic(cfcql.critic_input(batch.states, batch.actions)[None])
+    q_data = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])
     state = {k: v.clone() for k, v in nets.actors.state_dict().items()}
     torch.manual_seed(7)
     fast = cfcql.cql_penalty(batch, nets, q_data, args).item()
     nets.actors.load_state_dict(state)  # the penalty's policy forwards moved the BatchNorm averages
     torch.manual_seed(7)
     n, b, m, d, sd = spec.n_agents, 3, 4, spec.act_dim, args.policy_sample_noise
-    u = torch.rand(n, b, m, d) * 2 - 1
+    u = torch.rand(b, n, m, d) * 2 - 1
     with torch.no_grad():
         pi = nets.actors(batch.obs.transpose(0, 1))
         next_pi = nets.actors(batch.next_obs.transpose(0, 1))
-    eps_pi, eps_next = sd * torch.randn(n, b, m, d), sd * torch.randn(n, b, m, d)
+    eps_pi, eps_next = sd * torch.randn(b, n, m, d), sd * torch.randn(b, n, m, d)
 
     def logn(eps):  # log-density of N(0, sd^2 I), written out per dimension
         return sum(-0.5 * (x / sd) ** 2 - math.log(sd * math.sqrt(2 * math.pi)) for x in eps.tolist())
@@ -191,16 +198,16 @@ def test_halfcheetah_penalty_equals_slow_computation_with_correct_density_pairin
         for bb in range(b):
             s_rows, o_rows, l_rows = [], [], []
             for j in range(m):  # uniform: others = data actions
-                s_rows.append(u[i, bb, j]), o_rows.append(batch.actions[bb]), l_rows.append(d * math.log(0.5))
+                s_rows.append(u[bb, i, j]), o_rows.append(batch.actions[bb]), l_rows.append(d * math.log(0.5))
             for j in range(m):  # current policy + noise, its own noise density
-                s_rows.append((pi[i, bb] + eps_pi[i, bb, j]).clamp(-1, 1)), o_rows.append(batch.actions[bb])
-                l_rows.append(logn(eps_pi[i, bb, j]))
+                s_rows.append((pi[i, bb] + eps_pi[bb, i, j]).clamp(-1, 1)), o_rows.append(batch.actions[bb])
+                l_rows.append(logn(eps_pi[bb, i, j]))
             for j in range(m):  # next-state policy + noise, others = dataset next actions, state s (ref B4)
                 (
-                    s_rows.append((next_pi[i, bb] + eps_next[i, bb, j]).clamp(-1, 1)),
+                    s_rows.append((next_pi[i, bb] + eps_next[bb, i, j]).clamp(-1, 1)),
                     o_rows.append(batch.next_actions[bb]),
                 )
-                l_rows.append(logn(eps_next[i, bb, j]))
+                l_rows.append(logn(eps_next[bb, i, j]))
             slots[i].append(s_rows), others[i].append(o_rows), logp[i].append(l_rows)
     assert fast == pytest.approx(slow_penalty(nets, batch, slots, others, logp), rel=1e-4, abs=1e-4)
 

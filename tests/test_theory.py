@@ -311,7 +311,7 @@ def test_prop1_individual_td_losses_have_the_averaged_operator_gradient(icql_qs,
     assert float((y[0] - y[1]).abs().max()) > 1e-4
 
     params = list(nets.critic.parameters())
-    q = nets.critic(icql_qs.critic_input(batch.states, batch.actions)[None])  # [E, 1, B, 1]
+    q = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])  # [E, 1, B, 1]
     individual = (q - y).pow(2).mean(dim=(1, 2, 3)).sum()
     centralized = (q - y.mean(0, keepdim=True)).pow(2).mean(dim=(1, 2, 3)).sum()
     assert_grads_close(grads_of(individual, params), grads_of(centralized, params))
@@ -351,7 +351,7 @@ def test_prop1_holds_for_the_critic_step_itself(icql_qs):
     torch.manual_seed(123)
     y, _ = icql_qs.td_target(batch, nets, args)
     assert float((y[0] - y[1]).abs().max()) > 1e-4
-    q = nets.critic(icql_qs.critic_input(batch.states, batch.actions)[None])
+    q = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])
     centralized = (q - y.mean(0, keepdim=True)).pow(2).mean(dim=(1, 2, 3)).sum()
     assert_grads_close(recorder.grads, grads_of(centralized, params))
     # ... and NOT along the gradient of a single agent's individual loss (the targets really differ)
