@@ -47,6 +47,7 @@ from common.build import ensure_dataset
 from common.dataset import load_dataset, normalized_score
 from common.envs import make_vec_env
 from common.evaluation import evaluate
+from common.perf import keep_freed_memory
 from common.tasks import REFERENCE_HPARAMS, check_dataset_type, get_task
 
 TASK_FAMILIES = ("mamujoco",)  # HalfCheetah 2x3; the particle tasks are spacql_mpe.py
@@ -100,6 +101,8 @@ class Args:
     """rounds between TensorBoard scalar writes"""
     cuda: bool = True
     """use CUDA when available"""
+    bf16: bool = False
+    """run the update under bfloat16 autocast (matrix multiplies in bf16; off by default, see README)"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     run_dir: str = "runs"
@@ -484,6 +487,7 @@ def main(args: Args) -> dict:
     args = resolve_args(args)
     spec = get_task(args.task)
     seed_everything(args.seed)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -520,7 +524,8 @@ def main(args: Args) -> dict:
             writer.add_scalar("eval/return", mean_return, round_)
             writer.add_scalar("eval/normalized_score", score, round_)
             bar.set_postfix(score=f"{score:.1f}")
-        pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
         if (round_ + 1) % args.log_every == 0:  # one host sync per log window, not per round
             for k in pending[0]:
                 mean = torch.stack([p[k] for p in pending]).float().mean(0)  # scalar, or [n] per-k values
