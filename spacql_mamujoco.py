@@ -524,6 +524,9 @@ def main(args: Args) -> dict:
             writer.add_scalar("eval/return", mean_return, round_)
             writer.add_scalar("eval/normalized_score", score, round_)
             bar.set_postfix(score=f"{score:.1f}")
+            tqdm.write(
+                f"round {round_}/{args.num_updates}: return {mean_return:.2f}, normalized score {score:.1f}"
+            )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
         if (round_ + 1) % args.log_every == 0:  # one host sync per log window, not per round

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Speed benchmarks (not tests): environment throughput, evaluation latency, dataset build time, and the
+# milliseconds per update round of every algorithm. Each prints human-readable lines and `RESULT ...` lines.
+# Run on an otherwise idle machine: other processes on the same cores distort the figures.
+#   bash benchmark.sh            # everything
+#   bash benchmark.sh envs       # environments only
+#   bash benchmark.sh algos      # algorithms only (extra arguments go to benchmarks/bench_algos.py)
+set -euo pipefail
+cd "$(dirname "$0")"
+what="${1:-all}"
+shift || true
+if [[ "$what" == all || "$what" == envs ]]; then
+  python benchmarks/bench_mpe.py
+  python benchmarks/bench_mamujoco.py
+fi
+if [[ "$what" == all || "$what" == algos ]]; then
+  python benchmarks/bench_algos.py --bf16 "$@"
+fi
