@@ -1,0 +1,187 @@
+"""Turn a matd3_online.py run into a shipped behaviour file common/behaviour/<task>_<type>.npz.
+
+    expert         the snapshot with the best return with exploration noise (default), or --snapshot k
+    medium         among the snapshots, the one whose return WITH exploration noise is closest to --target
+                   (OMAR's medium return by default), re-measured on --episodes episodes
+    medium-replay  every snapshot of a run stopped at medium (matd3_online.py --stop-return ... --eval-every 1)
+                   that collected episodes, as float16, plus the run's schedule
+
+Every choice is re-measured with common.build's numpy rollout (the code that builds the datasets), and the
+returns are stored in the file's `meta` / `schedule`.
+
+    python scripts/export_behaviour.py --run runs/cn_expert --type expert
+    python scripts/export_behaviour.py --run runs/cn_expert --type medium
+    python scripts/export_behaviour.py --run runs/cn_mr --type medium-replay
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, behaviour_file, rollout  # noqa: E402
+from common.dataset import episode_returns  # noqa: E402
+from common.tasks import get_task  # noqa: E402
+
+# OMAR's published mean returns of the medium datasets (cfcql-reference.md Sec. 5.3); halfcheetah's medium
+# target is set relative to our own expert (about half of it), as our MuJoCo differs from theirs.
+OMAR_MEDIUM = {"cn": 273.4, "pp": 116.4, "world": 65.9, "halfcheetah": 1568.9}
+EVAL_KEYS = (99, 0)  # seed keys of the export's measurements: disjoint from the datasets' (task, type, seed)
+
+
+@dataclass
+class Args:
+    run: str
+    """run directory of matd3_online.py (holds snapshots.npz)"""
+    type: str = "expert"
+    """expert | medium | medium-replay"""
+    snapshot: int | None = None
+    """expert/medium: export this snapshot index instead of choosing"""
+    target: float | None = None
+    """medium: target return with noise (default OMAR's medium return)"""
+    candidates: int = 8
+    """medium/expert: how many snapshots (closest by the run's own eval) to re-measure"""
+    episodes: int | None = None
+    """episodes per measurement (default 2000 MPE, 20 halfcheetah)"""
+    until_return: float | None = None
+    """medium-replay: cut the run at its first evaluation whose return with noise reaches this"""
+    every: int = 1
+    """medium-replay: keep every k-th snapshot (each then collects the episodes of the k - 1 dropped after it)"""
+    out: str | None = None
+    """output file (default common/behaviour/<task>_<type>.npz)"""
+
+
+def layers_of(arrays: dict, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(arrays[f"w{i}"][k], arrays[f"b{i}"][k]) for i in range(len([x for x in arrays if x[0] == "w"]))]
+
+
+def measure(task: str, policy, episodes: int, key: int = 0) -> np.ndarray:
+    spec = get_task(task)
+    arrays = rollout(task, [policy], np.zeros(episodes, np.int64), (*EVAL_KEYS, key), progress=False)
+    return episode_returns(spec, arrays["rewards"], arrays["dones"], arrays["timeouts"])
+
+
+def main(args: Args):
+    with np.load(os.path.join(args.run, "snapshots.npz"), allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    schedule = json.loads(str(arrays.pop("schedule")))
+    task, noise, info = schedule["task"], schedule["exploration_noise"], schedule["snapshots"]
+    spec = get_task(task)
+    episodes = args.episodes or (2000 if spec.family == "mpe" else 20)
+    out = Path(args.out) if args.out else behaviour_file(task, args.type)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_name = os.path.basename(os.path.normpath(args.run))
+
+    if args.type in ("expert", "medium"):
+        recorded = np.array([s["noisy_return"] for s in info])
+        if args.snapshot is not None:
+            candidates = [args.snapshot % len(info)]
+        elif args.type == "expert":
+            candidates = list(np.argsort(-recorded)[: args.candidates])
+        else:
+            target = args.target if args.target is not None else OMAR_MEDIUM[task]
+            candidates = list(np.argsort(np.abs(recorded - target))[: args.candidates])
+        measured = {}
+        for k in candidates:
+            returns = measure(task, ActorPolicy(layers_of(arrays, k), noise, ""), episodes)
+            measured[int(k)] = float(returns.mean())
+            print(
+                f"snapshot {k} (env steps {info[k]['env_steps']}): run's eval {recorded[k]:.1f}, measured {returns.mean():.1f}"
+            )
+        if args.type == "expert":
+            best = max(measured, key=measured.get)
+        else:
+            best = min(measured, key=lambda k: abs(measured[k] - target))
+        policy = ActorPolicy(layers_of(arrays, best), noise, "")
+        noisy = measure(task, policy, episodes, key=1)  # fresh episodes: the selection is not the measurement
+        det = measure(task, ActorPolicy(layers_of(arrays, best), 0.0, ""), episodes, key=2)
+        meta = dict(
+            task=task,
+            type=args.type,
+            exploration_noise=noise,
+            source_run=run_name,
+            snapshot=int(best),
+            env_steps=info[best]["env_steps"],
+            updates=info[best]["updates"],
+            return_with_noise=float(noisy.mean()),
+            return_with_noise_std=float(noisy.std()),
+            return_deterministic=float(det.mean()),
+            measured_episodes=episodes,
+            training_args=schedule["args"],
+        )
+        weights = {k: v[best].astype(np.float32) for k, v in arrays.items()}
+        np.savez_compressed(out, meta=np.array(json.dumps(meta)), **weights)
+        print(
+            f"{out}: snapshot {best}, return with noise {noisy.mean():.1f} +- {noisy.std():.1f}, deterministic {det.mean():.1f}"
+        )
+        return
+
+    # medium-replay: the snapshots up to the stop, in order. A run stopped by --stop-return is used whole;
+    # --until-return cuts the prefix of a longer run at its first evaluation with a return (with noise) >= X.
+    counts = np.array(schedule["episodes_per_snapshot"])
+    stopped = schedule["stopped_by_stop_return"]
+    if args.until_return is not None:
+        reached = [k for k, s in enumerate(info) if s["noisy_return"] >= args.until_return]
+        if not reached:
+            raise SystemExit(f"{args.run}: no evaluation reached {args.until_return}")
+        counts[reached[0] :] = 0  # the run "stops" there: that snapshot and the later ones collect nothing
+        stopped = True
+    # --every k: keep every k-th snapshot; it stands in for the policies of the k - 1 dropped after it
+    # (an approximation, recorded in the schedule; k = 1 replays the exact sequence of policies)
+    groups = np.arange(len(counts)) // args.every
+    counts = np.bincount(groups, weights=counts).astype(int)
+    arrays = {key: v[:: args.every] for key, v in arrays.items()}
+    info = info[:: args.every]
+    snapshot_rounds = schedule["snapshot_rounds"][:: args.every]
+    keep = np.flatnonzero(counts > 0)
+    weights = {k: v[keep].astype(np.float16) for k, v in arrays.items()}
+    # float16 check: the last (best) snapshot's return with float16 vs float32 weights, same episodes
+    last = int(keep[-1])
+    r32 = measure(task, ActorPolicy(layers_of(arrays, last), noise, ""), episodes).mean()
+    r16 = measure(task, ActorPolicy(layers_of(weights, len(keep) - 1), noise, ""), episodes).mean()
+    policies = [UniformPolicy()] + [ActorPolicy(layers_of(weights, i), noise, "") for i in range(len(keep))]
+    episode_policy = np.repeat(np.arange(len(keep) + 1), [schedule["warmup_episodes"]] + list(counts[keep]))
+    data = rollout(task, policies, episode_policy, (*EVAL_KEYS, 3), progress=False)
+    returns = episode_returns(spec, data["rewards"], data["dones"], data["timeouts"])
+    new_schedule = dict(
+        task=task,
+        type="medium-replay",
+        exploration_noise=noise,
+        warmup_episodes=schedule["warmup_episodes"],
+        episodes_per_snapshot=[int(c) for c in counts[keep]],
+        snapshot_rounds=[snapshot_rounds[k] for k in keep],
+        snapshot_thinning=args.every,
+        snapshot_env_steps=[info[k]["env_steps"] for k in keep],
+        num_envs=schedule["num_envs"],
+        total_episodes=int(schedule["warmup_episodes"] + counts[keep].sum()),
+        total_transitions=int((schedule["warmup_episodes"] + counts[keep].sum()) * spec.episode_length),
+        stopped_at_medium=bool(stopped),
+        stop_return=args.until_return if args.until_return is not None else schedule["args"]["stop_return"],
+        last_snapshot_noisy_return=info[int(keep[-1])]["noisy_return"],
+        source_run=run_name,
+        float16_check=dict(
+            last_snapshot_return_float32=float(r32),
+            last_snapshot_return_float16=float(r16),
+            episodes=episodes,
+        ),
+        rebuilt_return_mean=float(returns.mean()),
+        training_args=schedule["args"],
+    )
+    np.savez_compressed(out, schedule=np.array(json.dumps(new_schedule)), **weights)
+    print(
+        f"{out}: {len(keep)} snapshots, {new_schedule['total_episodes']} episodes, rebuilt return {returns.mean():.1f}; "
+        f"last snapshot float32 {r32:.1f} vs float16 {r16:.1f}; {out.stat().st_size / 1e6:.2f} MB"
+    )
+
+
+if __name__ == "__main__":
+    assert BEHAVIOUR_DIR.name == "behaviour"
+    main(tyro.cli(Args))

@@ -1,0 +1,167 @@
+"""common/build.py: small builds of every dataset type, loaded back through common.dataset.load_dataset.
+
+Sizes are monkeypatched down and the behaviour files are tiny random actors written into a temporary
+directory, so the tests do not depend on the shipped policies and run in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common.build as build
+from common.dataset import load_dataset
+from common.tasks import get_task
+from matd3_online import Actors
+
+MPE_EPISODES, HC_EPISODES = 7, 2
+
+
+def actor_arrays(task: str, seed: int) -> dict[str, np.ndarray]:
+    spec = get_task(task)
+    torch.manual_seed(seed)
+    return Actors(spec.n_agents, spec.obs_dim, spec.act_dim, hidden=16).export()
+
+
+def write_policy(directory, task, dataset, noise, seed=0):
+    meta = dict(task=task, type=dataset, exploration_noise=noise)
+    path = directory / f"{task}_{dataset}.npz"
+    np.savez(path, meta=np.array(json.dumps(meta)), **actor_arrays(task, seed))
+    return path
+
+
+def write_medium_replay(directory, task, noise, warmup, counts):
+    snaps = [actor_arrays(task, 10 + k) for k in range(len(counts))]
+    arrays = {key: np.stack([s[key] for s in snaps]).astype(np.float16) for key in snaps[0]}
+    schedule = dict(warmup_episodes=warmup, episodes_per_snapshot=counts, exploration_noise=noise)
+    np.savez(directory / f"{task}_medium_replay.npz", schedule=np.array(json.dumps(schedule)), **arrays)
+    return snaps
+
+
+@pytest.fixture
+def small(monkeypatch, tmp_path):
+    """Tiny sizes; batches of 3 episodes so that multi-batch builds and a short last batch are exercised."""
+    behaviour = tmp_path / "behaviour"
+    behaviour.mkdir()
+    monkeypatch.setattr(build, "BEHAVIOUR_DIR", behaviour)
+    monkeypatch.setattr(build, "EPISODES", {"mpe": MPE_EPISODES, "mamujoco": HC_EPISODES})
+    monkeypatch.setattr(build, "BATCH_EPISODES", {"mpe": 3, "mamujoco": 2})
+    return behaviour, tmp_path / "data"
+
+
+def deterministic_actions(arrays, obs):
+    policy = build.ActorPolicy([(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(3)], 0.0, "")
+    return policy.act(obs, np.random.default_rng(0), None)
+
+
+def check_structure(ds, task, episodes):
+    spec = get_task(task)
+    T = spec.episode_length
+    assert len(ds) == episodes * T
+    a = ds.actions.reshape(episodes, T, spec.n_agents, spec.act_dim)
+    na = ds.next_actions.reshape(episodes, T, spec.n_agents, spec.act_dim)
+    o = ds.obs.reshape(episodes, T, spec.n_agents, spec.obs_dim)
+    no = ds.next_obs.reshape(episodes, T, spec.n_agents, spec.obs_dim)
+    # inside an episode the next action / obs is the next row's action / obs, exactly
+    assert torch.equal(na[:, :-1], a[:, 1:])
+    assert torch.equal(no[:, :-1], o[:, 1:])
+    assert ds.actions.abs().max() <= 1 and ds.next_actions.abs().max() <= 1
+    timeouts = ds.timeouts.reshape(episodes, T)
+    assert timeouts[:, -1].all() and not timeouts[:, :-1].any() and not ds.dones.any()
+
+
+@pytest.mark.parametrize("dataset", ["random", "medium", "expert"])
+def test_fixed_size_datasets_cn(small, dataset):
+    behaviour, data_dir = small
+    if dataset != "random":
+        write_policy(behaviour, "cn", dataset, noise=0.1)
+    path = build.ensure_dataset("cn", dataset, 0, data_dir, progress=False)
+    ds = load_dataset(path, "cn", dataset)
+    check_structure(ds, "cn", MPE_EPISODES)
+    assert ds.meta["dataset"] == dataset and ds.meta["num_episodes"] == MPE_EPISODES
+    if dataset != "random":
+        assert ds.meta["exploration_noise"] == 0.1 and "cn_" + dataset in ds.meta["behaviour_policy"]
+
+
+def test_actions_are_the_policy_plus_noise_and_last_next_action_is_sampled(small):
+    behaviour, data_dir = small
+    write_policy(behaviour, "cn", "expert", noise=0.0)  # noise 0: the data must be the actor's output exactly
+    ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
+    arrays = actor_arrays("cn", 0)
+    np.testing.assert_allclose(ds.actions.numpy(), deterministic_actions(arrays, ds.obs.numpy()), atol=1e-6)
+    # the last step's next action is the behaviour's action at the final next_obs (not the next episode's)
+    np.testing.assert_allclose(
+        ds.next_actions.numpy(), deterministic_actions(arrays, ds.next_obs.numpy()), atol=1e-6
+    )
+    with_noise = build.ActorPolicy([(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(3)], 0.1, "")
+    obs = ds.obs.numpy()[:50]
+    diff = with_noise.act(obs, np.random.default_rng(0), None) - deterministic_actions(arrays, obs)
+    assert 0.05 < diff.std() < 0.15  # N(0, 0.1^2), a little reduced by the clip
+
+
+def test_numpy_actor_equals_torch_actor():
+    spec = get_task("world")
+    torch.manual_seed(3)
+    actors = Actors(spec.n_agents, spec.obs_dim, spec.act_dim, hidden=32)
+    obs = torch.randn(40, spec.n_agents, spec.obs_dim)
+    expected = actors(obs).detach().numpy()
+    np.testing.assert_allclose(deterministic_actions(actors.export(), obs.numpy()), expected, atol=1e-5)
+
+
+def test_medium_replay_replays_the_schedule(small):
+    behaviour, data_dir = small
+    warmup, counts = 2, [3, 2]
+    snaps = write_medium_replay(behaviour, "cn", noise=0.0, warmup=warmup, counts=counts)
+    ds = load_dataset(build.ensure_dataset("cn", "medium-replay", 0, data_dir, progress=False))
+    episodes = warmup + sum(counts)
+    check_structure(ds, "cn", episodes)
+    obs = ds.obs.numpy().reshape(episodes, 25, 3, 18)
+    actions = ds.actions.numpy().reshape(episodes, 25, 3, 2)
+    first = warmup
+    for snap, count in zip(snaps, counts):
+        # float16 storage of the snapshots: compare with the float16-rounded weights
+        rounded = {k: v.astype(np.float16) for k, v in snap.items()}
+        for e in range(first, first + count):
+            np.testing.assert_allclose(actions[e], deterministic_actions(rounded, obs[e]), atol=1e-6)
+        first += count
+    for e in range(warmup):  # warm-up episodes are uniform random, not any snapshot's
+        assert not np.allclose(actions[e], deterministic_actions(snaps[0], obs[e]), atol=1e-3)
+    assert json.loads(ds.meta["schedule"])["episodes_per_snapshot"] == counts
+
+
+def test_seeds_give_independent_copies_and_builds_are_reproducible(small, tmp_path):
+    _, data_dir = small
+    a = load_dataset(build.ensure_dataset("cn", "random", 0, data_dir, progress=False))
+    b = load_dataset(build.ensure_dataset("cn", "random", 1, data_dir, progress=False))
+    assert not torch.allclose(a.obs[0], b.obs[0]) and not torch.allclose(a.actions, b.actions)
+    again = load_dataset(build.build_dataset("cn", "random", 0, tmp_path / "again.h5", progress=False))
+    assert torch.equal(a.obs, again.obs) and torch.equal(a.actions, again.actions)
+
+
+def test_missing_policy_raises_a_clear_error(small):
+    _, data_dir = small
+    with pytest.raises(FileNotFoundError, match="cn_medium_replay.npz"):
+        build.ensure_dataset("cn", "medium-replay", 0, data_dir, progress=False)
+    with pytest.raises(FileNotFoundError, match="halfcheetah_expert.npz"):
+        build.ensure_dataset("halfcheetah", "expert", 0, data_dir, progress=False)
+    assert not list(data_dir.rglob("*.h5"))  # nothing half-written
+
+
+def test_halfcheetah_tiny(small):
+    behaviour, data_dir = small
+    write_policy(behaviour, "halfcheetah", "expert", noise=0.1)
+    ds = load_dataset(
+        build.ensure_dataset("halfcheetah", "expert", 0, data_dir, progress=False), "halfcheetah"
+    )
+    check_structure(ds, "halfcheetah", HC_EPISODES)
+    assert ds.states.shape == (HC_EPISODES * 1000, 17)
+    assert torch.equal(
+        ds.next_states.reshape(HC_EPISODES, 1000, 17)[:, :-1], ds.states.reshape(HC_EPISODES, 1000, 17)[:, 1:]
+    )
+    # agent observations are slices of the state (common/mamujoco.py OBS_INDICES)
+    from common.mamujoco import OBS_INDICES
+
+    assert torch.equal(ds.obs, ds.states[:, torch.as_tensor(OBS_INDICES)])
