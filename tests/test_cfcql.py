@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cfcql
-from tests.helpers import write_tiny_dataset
+from tests.helpers import tiny_args, write_tiny_dataset
 
 torch.set_num_threads(1)
 
@@ -260,33 +260,17 @@ def test_per_agent_grad_clipping_equals_torch_clip_on_each_agent():
             torch.testing.assert_close(p.grad[i], e)
 
 
-def tiny_args(tmp_path, task, **kw):
-    return cfcql.Args(
-        task=task,
-        dataset="random",
-        seed=kw.pop("seed", 0),
-        data_dir=str(tmp_path / "data"),
-        run_dir=str(tmp_path / "runs"),
-        batch_size=16,
-        hidden=16,
-        num_updates=3,
-        eval_every=2,
-        num_eval_episodes=2,
-        log_every=1,
-        cuda=False,
-        **kw,
-    )
-
-
 @pytest.mark.parametrize("task", ["cn", "pp", "world", "halfcheetah"])
 def test_tiny_end_to_end_run_with_save_and_reload(tmp_path, task):
     write_tiny_dataset(tmp_path / "data", task, episodes=2 if task == "halfcheetah" else 8)
-    result = cfcql.main(tiny_args(tmp_path, task, save_model=True))
+    result = cfcql.main(tiny_args(cfcql, tmp_path, task, save_model=True))
     with open(os.path.join(result["run_path"], "final.json")) as f:
         saved = json.load(f)
     assert saved["final_normalized_score"] == pytest.approx(result["final_normalized_score"])
     assert math.isfinite(saved["final_return"]) and len(saved["eval_history"]) == 3  # rounds 0, 2, final
-    reloaded = cfcql.main(tiny_args(tmp_path, task, load_model=os.path.join(result["run_path"], "model.pt")))
+    reloaded = cfcql.main(
+        tiny_args(cfcql, tmp_path, task, load_model=os.path.join(result["run_path"], "model.pt"))
+    )
     assert reloaded["return"] == pytest.approx(result["final_return"], rel=1e-5, abs=1e-4)
 
 
@@ -294,7 +278,7 @@ def test_same_seed_gives_same_losses_on_cpu(tmp_path):
     write_tiny_dataset(tmp_path / "data", "cn")
     runs = []
     for _ in range(2):
-        args = cfcql.resolve_args(tiny_args(tmp_path, "cn"))
+        args = cfcql.resolve_args(tiny_args(cfcql, tmp_path, "cn"))
         cfcql.seed_everything(args.seed)
         spec = cfcql.get_task("cn")
         nets = cfcql.make_nets(spec, args, torch.device("cpu"))
@@ -317,7 +301,7 @@ def test_same_seed_gives_same_losses_on_cpu(tmp_path):
     [("task", "walker", "unknown task"), ("dataset", "mediocre", "unknown dataset")],
 )
 def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
-    args = tiny_args(tmp_path, "cn")
+    args = tiny_args(cfcql, tmp_path, "cn")
     setattr(args, field, value)
     with pytest.raises(ValueError, match=message):
         cfcql.main(args)

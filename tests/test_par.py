@@ -15,7 +15,7 @@ import cfcql
 import icql_qs
 import spacql_mamujoco
 import spacql_mpe
-from tests.helpers import write_tiny_dataset
+from tests.helpers import tiny_args, write_tiny_dataset
 from tests.test_cfcql import member_nets, toy_setup
 
 torch.set_num_threads(1)
@@ -186,24 +186,6 @@ def test_skeletons_differ_only_in_header_args_defaults_and_the_algorithm_block()
 
 
 # ------------------------------------------------------------------ end to end
-
-
-def tiny_args(module, tmp_path, task, **kw):
-    return module.Args(
-        task=task,
-        dataset="random",
-        seed=kw.pop("seed", 0),
-        data_dir=str(tmp_path / "data"),
-        run_dir=str(tmp_path / "runs"),
-        batch_size=16,
-        hidden=16,
-        num_updates=3,
-        eval_every=2,
-        num_eval_episodes=2,
-        log_every=1,
-        cuda=False,
-        **kw,
-    )
 
 
 @pytest.mark.parametrize(
