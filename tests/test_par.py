@@ -233,3 +233,23 @@ def test_family_restriction_is_a_clear_error(tmp_path):
         spacql_mpe.main(tiny_args(spacql_mpe, tmp_path, "halfcheetah"))
     with pytest.raises(ValueError, match="runs .*mamujoco"):
         spacql_mamujoco.main(tiny_args(spacql_mamujoco, tmp_path, "cn"))
+
+
+def test_bf16_autocast_run_is_finite_and_keeps_q_in_float32(tmp_path):
+    write_tiny_dataset(tmp_path / "data", "cn")
+    result = spacql_mpe.main(tiny_args(spacql_mpe, tmp_path, "cn", bf16=True))
+    assert math.isfinite(result["final_return"])
+    spec, args, nets, batch = toy_setup("cn", num_critics=10, b=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])
+    assert q.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cfcql", "spacql_mpe"])
+def test_tiny_run_on_cuda(tmp_path, name):
+    module = ALGOS[name]
+    write_tiny_dataset(tmp_path / "data", "cn")
+    args = tiny_args(module, tmp_path, "cn")
+    args.cuda = True
+    assert module.main(args)["device"].startswith("cuda")
