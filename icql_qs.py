@@ -287,7 +287,7 @@ class EnsembleCritic(nn.Module):
         e, h_dim = w1s.shape[0], w1s.shape[2]
         h_state = torch.matmul(s.reshape(1, -1, s_dim), w1s).view(e, -1, b, 1, h_dim)  # [E, Gs, B, 1, H]
         h_action = torch.matmul(a.reshape(1, -1, a_dim), w1a).view(e, g, b, r, h_dim)  # [E, G, B, R, H]
-        h = F.relu(h_action + h_state + b1.view(e, 1, 1, 1, h_dim)).view(e, g * b * r, h_dim)
+        h = F.relu(h_action + (h_state + b1.view(e, 1, 1, 1, h_dim))).view(e, g * b * r, h_dim)  # one big add
         h = F.relu(torch.baddbmm(b2, h, w2))
         with torch.autocast(h.device.type, enabled=False):  # Q itself in float32 under --bf16: bf16 keeps
             return torch.baddbmm(b3, h.float(), w3).view(e, g, b, r)  # ~3 digits, too coarse for TD errors
