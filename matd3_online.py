@@ -8,10 +8,11 @@ What it implements
     state, SPaCQL's Assumption 1) and one centralised twin critic Q(s, a_1, ..., a_n) (MADDPG-style CTDE).
     Predator-Prey / World: the 3 predators learn against the fixed pretrained prey inside the env.
 
-Reference checked against
-    CleanRL td3_continuous_action.py (github.com/vwxyzjn/cleanrl, commit 38c313f) for the TD3 update;
-    shared/reference/cfcql-reference.md sections 1-4 for OMAR/CFCQL's MATD3 (which this is not a copy of:
-    it is an online trainer, the reference code is the offline learner).
+Reference
+    The TD3 update has the structure of CleanRL's cleanrl/td3_continuous_action.py (github.com/vwxyzjn/cleanrl;
+    written from the algorithm, not compared line by line with a pinned commit). OMAR/CFCQL's MATD3 is described
+    in shared/reference/cfcql-reference.md sections 1-4; that code is the offline learner, this is an online
+    trainer, so only the network family (per-agent tanh MLP actors, twin centralised critic) is shared.
 
 How it differs from a textbook single-env TD3 (all deliberate, for speed on a CPU and for the datasets)
     1. E lockstep episodes ("a round") are collected with a frozen policy, then `utd * E * T` updates run
@@ -20,6 +21,10 @@ How it differs from a textbook single-env TD3 (all deliberate, for speed on a CP
     2. The critic learns the evaluation reward (env.eval_reward: mean over agents for cn, predator 0 for
        pp/world, the team reward for halfcheetah), i.e. a fully cooperative team objective.
     3. MPE episodes are truncated at 25 steps and bootstrapped through (never terminal), as in OMAR.
+    4. During the warm-up (uniform-random episodes) only the critic is trained; the actors start after it.
+       Without this the actors saturate on the untrained critic's gradient and cn's returns sat at ~65 (below
+       random's 160) for ~1500 episodes, which also dragged medium-replay's mean return below random's.
+    5. The actors' output layer starts at U(-3e-3, 3e-3) (DDPG's init; OMAR's policy nets do it for the weights).
 
 Outputs (runs/<run_name>/)
     curve.csv        eval returns over time (deterministic and with exploration noise), wall-clock, env steps
@@ -28,10 +33,11 @@ Outputs (runs/<run_name>/)
     events.*         TensorBoard (eval/, charts/, losses/)
     scripts/export_behaviour.py turns a run into the shipped common/behaviour/<task>_<type>.npz files.
 
-Usage
-    python matd3_online.py --task cn --seed 0                       # expert run
-    python matd3_online.py --task cn --seed 1 --stop-return 273     # medium-replay run: stop at medium
-    python matd3_online.py --task halfcheetah --total-steps 1000000
+Usage (the runs behind the shipped behaviour files, see DATASETS.md)
+    python matd3_online.py --task cn --seed 0 --run-name cn_expert      # expert; medium = one of its snapshots
+    python matd3_online.py --task cn --seed 1 --num-envs 64 --eval-every 1 --stop-return 273.4 \
+        --total-steps 400000 --run-name cn_medium_replay               # medium-replay: stop at OMAR's medium
+    python matd3_online.py --task halfcheetah --seed 0 --run-name halfcheetah_expert
 """
 
 from __future__ import annotations
@@ -113,10 +119,10 @@ class Args:
 
 
 # Defaults per task family, used for every Args field left at None. MPE: small nets, cheap updates, many
-# cheap env steps; HalfCheetah: the usual TD3 MuJoCo settings (256-wide nets, utd 1, gamma 0.99).
+# cheap env steps; HalfCheetah: the usual TD3 MuJoCo settings (256-wide critics, utd 1, gamma 0.99, lr 3e-4).
 TASK_DEFAULTS = {
     "mpe": dict(
-        total_steps=1_500_000,
+        total_steps=600_000,
         num_envs=32,
         warmup_episodes=320,
         utd=0.25,
@@ -135,14 +141,18 @@ TASK_DEFAULTS = {
         num_envs=4,
         warmup_episodes=8,
         utd=1.0,
-        batch_size=256,
-        actor_hidden=256,
+        # TD3's original batch (100) order: on one busy CPU core an update with B = 256 cost ~2.4x one with 128
+        batch_size=128,
+        # 128-wide actors (TD3's critics stay 256): a float16 snapshot is 71 kB instead of 273 kB, so the
+        # ~100 per-round snapshots of a medium-replay prefix fit the size budget of common/behaviour/
+        actor_hidden=128,
         critic_hidden=256,
-        actor_lr=1e-3,
-        critic_lr=1e-3,
+        actor_lr=3e-4,
+        critic_lr=3e-4,
         gamma=0.99,
         tau=0.005,
-        eval_every=5,
+        # a snapshot every round (4 episodes) costs ~1 s of evaluation against ~30 s of updates
+        eval_every=1,
         eval_episodes=10,
     ),
 }
@@ -166,7 +176,7 @@ class StackedMLP(nn.Module):
 
     The n actors are one StackedMLP with k = n (agent i reads only its own o_i); the twin critic is another
     with k = 2 fed the same input. Weights are [k, in, out], biases [k, 1, out]; this is also the layout of
-    the shipped behaviour files (w0, b0, w1, b1, w2, b2), so common/build.py can run them in numpy.
+    the shipped behaviour files (w0, b0, w1, b1, w2, b2), which common/build.py runs without this module.
     """
 
     def __init__(self, k: int, sizes: list[int]):
@@ -258,7 +268,7 @@ class ReplayBuffer:
 # ============================================================================================================
 def critic_loss_fn(batch, actors_target, critic, critic_target, args: Args) -> torch.Tensor:
     with torch.no_grad():
-        # TD3 target policy smoothing (Fujimoto et al. 2018, Eq. 14): clipped noise on each agent's target action
+        # TD3's target policy smoothing (Fujimoto et al. 2018): clipped noise on each agent's target action
         next_actions = actors_target(batch["next_obs"])  # [B, n, act_dim]
         noise = (torch.randn_like(next_actions) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
         next_actions = (next_actions + noise).clamp(-1.0, 1.0)
@@ -382,22 +392,12 @@ def main(args: Args):
         np.savez(tmp, schedule=np.array(json.dumps(schedule)), **arrays)
         os.replace(tmp, os.path.join(run_dir, "snapshots.npz"))
 
-    curve_file = open(os.path.join(run_dir, "curve.csv"), "w", newline="")
-    curve = csv.writer(curve_file)
-    curve.writerow(
-        [
-            "round",
-            "env_steps",
-            "episodes",
-            "updates",
-            "wall_s",
-            "eval_return",
-            "eval_return_std",
-            "noisy_return",
-            "noisy_return_std",
-            "train_return",
-        ]
+    columns = (
+        "round env_steps episodes updates wall_s eval_return eval_return_std noisy_return noisy_return_std"
     )
+    curve_file = open(os.path.join(run_dir, "curve.csv"), "w", newline="")
+    curve = csv.DictWriter(curve_file, fieldnames=columns.split() + ["train_return"])
+    curve.writeheader()
 
     # ---- training loop ---------------------------------------------------------------------------------------
     start = time.time()
@@ -412,39 +412,33 @@ def main(args: Args):
             noisy = evaluate(eval_env, actors, args.exploration_noise, EVAL_SEED, rng)
             snapshots.append(actors.export())
             snap_rounds.append(r)
-            info = dict(
+            train_ret = float(np.mean(train_returns)) if train_returns else float("nan")
+            row = dict(
                 round=r,
                 env_steps=r * E * T,
+                episodes=r * E,
                 updates=num_updates,
+                wall_s=round(time.time() - start, 1),
                 eval_return=float(det.mean()),
+                eval_return_std=float(det.std()),
                 noisy_return=float(noisy.mean()),
+                noisy_return_std=float(noisy.std()),
+                train_return=train_ret,
             )
-            snap_info.append(info)
-            train_ret = float(np.mean(train_returns)) if train_returns else float("nan")
-            curve.writerow(
-                [
-                    r,
-                    r * E * T,
-                    r * E,
-                    num_updates,
-                    round(time.time() - start, 1),
-                    det.mean(),
-                    det.std(),
-                    noisy.mean(),
-                    noisy.std(),
-                    train_ret,
-                ]
-            )
+            snap_info.append(row)
+            curve.writerow(row)
             curve_file.flush()
-            writer.add_scalar("eval/return", det.mean(), r * E * T)
-            writer.add_scalar("eval/noisy_return", noisy.mean(), r * E * T)
-            writer.add_scalar("charts/train_return", train_ret, r * E * T)
-            writer.add_scalar("charts/wall_s", time.time() - start, r * E * T)
+            tags = dict(
+                eval_return="eval/return",
+                noisy_return="eval/noisy_return",
+                train_return="charts/train_return",
+            )
+            for key, tag in tags.items():
+                writer.add_scalar(tag, row[key], r * E * T)
             for k, v in losses.items():
                 writer.add_scalar(f"losses/{k}", v.item(), r * E * T)
             print(
-                f"round {r}/{num_rounds} steps {r * E * T} updates {num_updates} wall {time.time() - start:.0f}s eval {det.mean():.1f} noisy {noisy.mean():.1f} train {train_ret:.1f}",
-                flush=True,
+                f"round {r}/{num_rounds} " + " ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "round")
             )
             train_returns = []
             if args.stop_return is not None and noisy.mean() >= args.stop_return:

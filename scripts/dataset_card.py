@@ -9,6 +9,7 @@ Datasets whose behaviour file is not shipped are listed as not built, with the r
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ OMAR = {
     ("halfcheetah", "expert"): (1_000_000, 3338.7),
 }
 START, END = "<!-- dataset-table:start -->", "<!-- dataset-table:end -->"
+B_START, B_END = "<!-- behaviour:start -->", "<!-- behaviour:end -->"
 
 
 @dataclass
@@ -81,6 +83,55 @@ def row(task: str, dataset: str, args: Args) -> str:
     )
 
 
+def behaviour_table() -> str:
+    """One line per shipped behaviour file, from the json it carries (written by scripts/export_behaviour.py)."""
+    lines = [
+        "| file | size | source run | snapshot / schedule | env steps of the run | return with noise | deterministic |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for task in TASKS:
+        for dataset in DATASET_TYPES[1:]:
+            path = behaviour_file(task, dataset)
+            if not path.is_file():
+                lines.append(f"| {path.name} | not shipped | | | | | |")
+                continue
+            with np.load(path, allow_pickle=False) as f:
+                info = json.loads(str(f["meta" if "meta" in f.files else "schedule"]))
+            size = f"{path.stat().st_size / 1e6:.2f} MB"
+            if dataset == "medium-replay":
+                snaps = len(info["episodes_per_snapshot"])
+                what = (
+                    f"{info['warmup_episodes']} random + {snaps} snapshots, {info['total_episodes']} episodes"
+                )
+                steps = (
+                    info["snapshot_env_steps"][-1]
+                    + info["episodes_per_snapshot"][-1] * TASKS[task].episode_length
+                )
+                lines.append(
+                    f"| {path.name} | {size} | {info['source_run']} | {what} | {steps:,} | "
+                    f"last snapshot {info['float16_check']['last_snapshot_return_float16']:.1f} | |"
+                )
+            else:
+                lines.append(
+                    f"| {path.name} | {size} | {info['source_run']} | {info['snapshot']} | {info['env_steps']:,} | "
+                    f"{info['return_with_noise']:.1f} ± {info['return_with_noise_std']:.1f} | "
+                    f"{info['return_deterministic']:.1f} |"
+                )
+    lines.append("")
+    lines.append(
+        "Returns measured by scripts/export_behaviour.py on 2000 (MPE) / 20 (halfcheetah) fresh episodes; "
+        f"exploration noise N(0, 0.1^2) in every file. Total size of common/behaviour/: "
+        f"{sum(p.stat().st_size for p in behaviour_file('cn', 'expert').parent.glob('*.npz')) / 1e6:.2f} MB."
+    )
+    return "\n".join(lines)
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main(args: Args):
     lines = [
         f"Dataset seed {args.seed}. Return = sum over the episode of the evaluation reward (cn: mean over agents; "
@@ -96,11 +147,11 @@ def main(args: Args):
     table = "\n".join(lines)
     card = Path(args.card)
     text = card.read_text() if card.is_file() else f"# Datasets\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    card.write_text(f"{head}{START}\n{table}\n{END}{tail}")
-    print(f"wrote the table into {card}")
-    return np.zeros(0)
+    text = replace_between(text, START, END, table)
+    if B_START in text:
+        text = replace_between(text, B_START, B_END, behaviour_table())
+    card.write_text(text)
+    print(f"wrote the tables into {card}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ directory, so the tests do not depend on the shipped policies and run in a few s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,41 @@ def test_halfcheetah_tiny(small):
     from common.mamujoco import OBS_INDICES
 
     assert torch.equal(ds.obs, ds.states[:, torch.as_tensor(OBS_INDICES)])
+
+
+def test_trainer_to_dataset_end_to_end(small, tmp_path):
+    """matd3_online (tiny run, stopped by --stop-return) -> export medium-replay -> build -> load."""
+    import sys
+
+    import matd3_online
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import export_behaviour
+
+    behaviour, data_dir = small
+    args = matd3_online.Args(
+        task="cn", seed=0, total_steps=8 * 4 * 25, num_envs=4, warmup_episodes=4, utd=0.05, batch_size=32,
+        eval_every=1, eval_episodes=4, stop_return=-1e9, out_dir=str(tmp_path / "runs"), run_name="tiny",
+    )  # fmt: skip
+    run_dir = matd3_online.main(args)
+    with np.load(Path(run_dir) / "snapshots.npz") as f:
+        schedule = json.loads(str(f["schedule"]))
+        assert f["w0"].shape == (1, 3, 18, 64)  # stopped at the first evaluation after the warm-up
+    assert schedule["stopped_by_stop_return"] and schedule["warmup_episodes"] == 4
+    # without the stop: 8 rounds, 1 warm-up round + 7 rounds each collected by its own snapshot
+    args.stop_return, args.run_name = None, "tiny2"
+    run_dir = matd3_online.main(args)
+    export_behaviour.main(
+        export_behaviour.Args(
+            run=run_dir, type="medium-replay", episodes=4, out=str(behaviour / "cn_medium_replay.npz")
+        )
+    )
+    export_behaviour.main(
+        export_behaviour.Args(
+            run=run_dir, type="expert", episodes=4, candidates=2, out=str(behaviour / "cn_expert.npz")
+        )
+    )
+    ds = load_dataset(build.ensure_dataset("cn", "medium-replay", 0, data_dir, progress=False))
+    check_structure(ds, "cn", 4 + 7 * 4)  # the 8th (final) snapshot collected nothing
+    ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
+    check_structure(ds, "cn", MPE_EPISODES)
