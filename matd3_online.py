@@ -438,7 +438,12 @@ def main(args: Args):
             for k, v in losses.items():
                 writer.add_scalar(f"losses/{k}", v.item(), r * E * T)
             print(
-                f"round {r}/{num_rounds} " + " ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "round")
+                f"round {r}/{num_rounds} "
+                + " ".join(
+                    f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()
+                    if k != "round"
+                )
             )
             train_returns = []
             if args.stop_return is not None and noisy.mean() >= args.stop_return:

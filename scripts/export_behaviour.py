@@ -31,8 +31,8 @@ from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, behaviour_fi
 from common.dataset import episode_returns  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
-# OMAR's published mean returns of the medium datasets (cfcql-reference.md Sec. 5.3); halfcheetah's medium
-# target is set relative to our own expert (about half of it), as our MuJoCo differs from theirs.
+# OMAR's published mean returns of the medium datasets (cfcql-reference.md Sec. 5.3), the default --target.
+# For halfcheetah pass --target (about half of our expert's return): our MuJoCo differs from OMAR's.
 OMAR_MEDIUM = {"cn": 273.4, "pp": 116.4, "world": 65.9, "halfcheetah": 1568.9}
 EVAL_KEYS = (99, 0)  # seed keys of the export's measurements: disjoint from the datasets' (task, type, seed)
 
@@ -82,12 +82,12 @@ def main(args: Args):
 
     if args.type in ("expert", "medium"):
         recorded = np.array([s["noisy_return"] for s in info])
+        target = args.target if args.target is not None else OMAR_MEDIUM[task]
         if args.snapshot is not None:
             candidates = [args.snapshot % len(info)]
         elif args.type == "expert":
             candidates = list(np.argsort(-recorded)[: args.candidates])
         else:
-            target = args.target if args.target is not None else OMAR_MEDIUM[task]
             candidates = list(np.argsort(np.abs(recorded - target))[: args.candidates])
         measured = {}
         for k in candidates:
@@ -114,6 +114,11 @@ def main(args: Args):
             return_with_noise=float(noisy.mean()),
             return_with_noise_std=float(noisy.std()),
             return_deterministic=float(det.mean()),
+            selection=f"snapshot {args.snapshot} given"
+            if args.snapshot is not None
+            else f"best of {len(measured)}",
+            target_return=target if args.type == "medium" else None,
+            candidates_measured=measured,
             measured_episodes=episodes,
             training_args=schedule["args"],
         )
