@@ -109,7 +109,7 @@ def behaviour_table() -> str:
                 )
                 lines.append(
                     f"| {path.name} | {size} | {info['source_run']} | {what} | {steps:,} | "
-                    f"last snapshot {info['float16_check']['last_snapshot_return_float16']:.1f} | |"
+                    f"last snapshot {info['storage_check']['last_snapshot_return_stored']:.1f} | |"
                 )
             else:
                 lines.append(

@@ -4,7 +4,7 @@
     medium         among the snapshots, the one whose return WITH exploration noise is closest to --target
                    (OMAR's medium return by default), re-measured on --episodes episodes
     medium-replay  every snapshot of a run stopped at medium (matd3_online.py --stop-return ... --eval-every 1)
-                   that collected episodes, as float16, plus the run's schedule
+                   that collected episodes, as float16 (or float32), plus the run's schedule
 
 Every choice is re-measured with common.build's numpy rollout (the code that builds the datasets), and the
 returns are stored in the file's `meta` / `schedule`.
@@ -53,6 +53,8 @@ class Args:
     """episodes per measurement (default 2000 MPE, 20 halfcheetah)"""
     until_return: float | None = None
     """medium-replay: cut the run at its first evaluation whose return with noise reaches this"""
+    float16: bool = True
+    """medium-replay: store the snapshots as float16 (half the size; --no-float16 keeps float32)"""
     every: int = 1
     """medium-replay: keep every k-th snapshot (each then collects the episodes of the k - 1 dropped after it)"""
     out: str | None = None
@@ -147,8 +149,9 @@ def main(args: Args):
     info = info[:: args.every]
     snapshot_rounds = schedule["snapshot_rounds"][:: args.every]
     keep = np.flatnonzero(counts > 0)
-    weights = {k: v[keep].astype(np.float16) for k, v in arrays.items()}
-    # float16 check: the last (best) snapshot's return with float16 vs float32 weights, same episodes
+    dtype = np.float16 if args.float16 else np.float32
+    weights = {k: v[keep].astype(dtype) for k, v in arrays.items()}
+    # storage check: the last snapshot's return with the stored vs the float32 weights, same episodes
     last = int(keep[-1])
     r32 = measure(task, ActorPolicy(layers_of(arrays, last), noise, ""), episodes).mean()
     r16 = measure(task, ActorPolicy(layers_of(weights, len(keep) - 1), noise, ""), episodes).mean()
@@ -172,10 +175,9 @@ def main(args: Args):
         stop_return=args.until_return if args.until_return is not None else schedule["args"]["stop_return"],
         last_snapshot_noisy_return=info[int(keep[-1])]["noisy_return"],
         source_run=run_name,
-        float16_check=dict(
-            last_snapshot_return_float32=float(r32),
-            last_snapshot_return_float16=float(r16),
-            episodes=episodes,
+        storage_dtype=np.dtype(dtype).name,
+        storage_check=dict(
+            last_snapshot_return_float32=float(r32), last_snapshot_return_stored=float(r16), episodes=episodes
         ),
         rebuilt_return_mean=float(returns.mean()),
         training_args=schedule["args"],
@@ -183,7 +185,7 @@ def main(args: Args):
     np.savez_compressed(out, schedule=np.array(json.dumps(new_schedule)), **weights)
     print(
         f"{out}: {len(keep)} snapshots, {new_schedule['total_episodes']} episodes, rebuilt return {returns.mean():.1f}; "
-        f"last snapshot float32 {r32:.1f} vs float16 {r16:.1f}; {out.stat().st_size / 1e6:.2f} MB"
+        f"last snapshot float32 {r32:.1f} vs stored {np.dtype(dtype).name} {r16:.1f}; {out.stat().st_size / 1e6:.2f} MB"
     )
 
 
