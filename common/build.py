@@ -19,7 +19,8 @@ halfcheetah 460k transitions).
 Behaviour files (common/behaviour/, plain arrays, `np.load(allow_pickle=False)` works):
     <task>_expert.npz, <task>_medium.npz   w0, b0, w1, b1, w2, b2 with w [n, in, out], b [n, out] float32;
                                            `meta` (json string): exploration noise, source run, returns
-    <task>_medium_replay.npz               the same keys with a leading snapshot axis [K, n, ...] (float16);
+    <task>_medium_replay.npz               the same keys with a leading snapshot axis [K, n, ...] (float16 for MPE,
+                                           float32 for halfcheetah, see the file's storage_dtype);
                                            `schedule` (json string): warmup_episodes, episodes_per_snapshot [K],
                                            exploration_noise, ...
 Actor: a = tanh(W2 relu(W1 relu(W0 o + b0) + b1) + b2), per agent on its own observation
