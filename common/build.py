@@ -7,10 +7,8 @@ OMAR's protocol (Pan et al. 2022, Sec. 5.1; cfcql-reference.md Sec. 5.3), with o
     expert         the fully trained MATD3 actors + N(0, sigma^2) exploration noise (D4RL-style), clipped
     medium         the snapshot of the expert's MATD3 run whose return with noise is closest to OMAR's medium
                    return (HalfCheetah: about half of our expert's), same noise
-    medium-replay  the replay buffer of a MATD3 run stopped when it reached medium (rebuilt, see below). MPE: a
-                   separate run with --stop-return; HalfCheetah: the expert run cut at its first evaluation at
-                   the medium return (scripts/export_behaviour.py --until-return), which is the same thing:
-                   a run's buffer up to round r does not depend on anything after round r.
+    medium-replay  the replay buffer of a separate MATD3 run stopped (--stop-return) as soon as its evaluation
+                   return with noise reached the medium return (rebuilt, see below)
 
 Sizes: random / medium / expert 1M transitions (40 000 MPE episodes of 25 steps, 1 000 HalfCheetah episodes of
 1000 steps); medium-replay as many episodes as the stopped run collected (OMAR: cn 97.5k, pp 62.5k, world 80k,

@@ -119,7 +119,7 @@ def behaviour_table() -> str:
                 )
     lines.append("")
     lines.append(
-        "Returns measured by scripts/export_behaviour.py on 2000 (MPE) / 20 (halfcheetah) fresh episodes; "
+        "Returns measured by scripts/export_behaviour.py on 2000 (MPE) / 50 (halfcheetah) fresh episodes; "
         f"exploration noise N(0, 0.1^2) in every file. Total size of common/behaviour/: "
         f"{sum(p.stat().st_size for p in behaviour_file('cn', 'expert').parent.glob('*.npz')) / 1e6:.2f} MB."
     )
