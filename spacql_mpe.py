@@ -282,20 +282,26 @@ class EnsembleCritic(nn.Module):
         """states [Gs, B, S], actions [G, B, R, A] -> Q [E, G, B, R] (E = the selected members)."""
         g, b, r, a_dim = actions.shape
         s_dim = states.shape[-1]
-        s_mean, s_var = states.mean(1, keepdim=True), states.var(1, unbiased=False, keepdim=True)
-        a_mean, a_var = actions.mean((1, 2), keepdim=True), actions.var((1, 2), unbiased=False, keepdim=True)
-        s = (states - s_mean) * torch.rsqrt(s_var + 1e-5) * self.bn_weight[:s_dim] + self.bn_bias[:s_dim]
-        a = (actions - a_mean) * torch.rsqrt(a_var + 1e-5) * self.bn_weight[s_dim:] + self.bn_bias[s_dim:]
         w1s, w1a, b1, w2, b2, w3, b3 = (
             p[members] for p in (self.w1_state, self.w1_action, self.b1, self.w2, self.b2, self.w3, self.b3)
         )
         e, h_dim = w1s.shape[0], w1s.shape[2]
-        h_state = torch.matmul(s.reshape(1, -1, s_dim), w1s).view(e, -1, b, 1, h_dim)  # [E, Gs, B, 1, H]
-        h_action = torch.matmul(a.reshape(1, -1, a_dim), w1a).view(e, g, b, r, h_dim)  # [E, G, B, R, H]
-        h = F.relu(h_action + (h_state + b1.view(e, 1, 1, 1, h_dim))).view(e, g * b * r, h_dim)  # one big add
-        h = F.relu(torch.baddbmm(b2, h, w2))
+        s_mean, s_var = states.mean(1, keepdim=True), states.var(1, unbiased=False, keepdim=True)
+        a_mean, a_var = actions.mean((1, 2), keepdim=True), actions.var((1, 2), unbiased=False, keepdim=True)
+        s_hat = (states - s_mean) * torch.rsqrt(s_var + 1e-5)  # [Gs, B, S]
+        a_hat = (actions - a_mean) * torch.rsqrt(a_var + 1e-5)  # [G, B, R, A]
+        # BatchNorm's affine part is folded into the first layer (exact): (x_hat * gamma + beta) W =
+        # x_hat (gamma W) + beta W. Autograd then never forms a gradient for the G*B*R input rows.
+        gamma_s, gamma_a = self.bn_weight[:s_dim, None], self.bn_weight[s_dim:, None]
+        bias1 = b1 + (self.bn_bias[:s_dim] @ w1s + self.bn_bias[s_dim:] @ w1a)[:, None]  # [E, 1, H]
+        h_state = torch.matmul(s_hat.reshape(-1, s_dim), gamma_s * w1s) + bias1  # [E, Gs*B, H]
+        h_action = torch.matmul(a_hat.reshape(-1, a_dim), gamma_a * w1a)  # [E, G*B*R, H]
+        h = h_action.view(e, g, b, r, h_dim) + h_state.to(h_action.dtype).view(e, -1, b, 1, h_dim)
+        h = torch.baddbmm(b2, h.relu_().view(e, -1, h_dim), w2).relu_()  # [E, G*B*R, H]; in-place ReLUs
         with torch.autocast(h.device.type, enabled=False):  # Q itself in float32 under --bf16: bf16 keeps
-            return torch.baddbmm(b3, h.float(), w3).view(e, g, b, r)  # ~3 digits, too coarse for TD errors
+            # ~3 digits, too coarse for TD errors. The H -> 1 layer as multiply-and-sum: on CPU, bmm's
+            # backward through a width-1 matrix is several times slower than the two elementwise passes.
+            return ((h.float() * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, g, b, r)
 
 
 @dataclass

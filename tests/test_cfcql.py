@@ -90,6 +90,40 @@ def test_batched_ensemble_equals_loop_over_members(shared_states):
     torch.testing.assert_close(critic(states, actions, members=slice(0, 1))[0], fast[0])
 
 
+def test_batched_ensemble_gradients_equal_loop_over_members():
+    """The folded BatchNorm affine, in-place ReLUs and multiply-and-sum output layer must give the same
+    gradients as plain nn.Linear members, for every parameter and for the actions (the actor loss needs them)."""
+    torch.manual_seed(1)
+    critic = cfcql.EnsembleCritic(state_dim=7, action_dim=4, hidden=8, num_members=3)
+    with torch.no_grad():  # a non-trivial affine part, so that folding it into the weights is exercised
+        critic.bn_weight.uniform_(0.5, 1.5)
+        critic.bn_bias.normal_()
+    b, r = 20, 5
+    states = torch.randn(1, b, 7) * 2 + 1
+    actions = (torch.rand(1, b, r, 4) * 2 - 1).requires_grad_()
+    weights = torch.randn(3, 1, b, r)  # a loss that weights every output differently
+    (critic(states, actions) * weights).sum().backward()
+
+    bn, members = member_nets(critic)
+    actions_slow = actions.detach().clone().requires_grad_()
+    rows = torch.cat([states[0, :, None].expand(b, r, 7), actions_slow[0]], -1).reshape(b * r, 11)
+    x = bn(rows)
+    (torch.stack([m(x)[:, 0] for m in members]).view(3, 1, b, r) * weights).sum().backward()
+
+    torch.testing.assert_close(actions.grad, actions_slow.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(critic.bn_weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(critic.bn_bias.grad, bn.bias.grad, rtol=1e-4, atol=1e-5)
+    w1_grad = torch.cat([critic.w1_state.grad, critic.w1_action.grad], dim=1)
+    for j, m in enumerate(members):
+        for (w, bias), lin in zip(
+            [(w1_grad, critic.b1.grad), (critic.w2.grad, critic.b2.grad), (critic.w3.grad, critic.b3.grad)],
+            m[::2],
+            strict=True,
+        ):
+            torch.testing.assert_close(w[j].T, lin.weight.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(bias[j, 0], lin.bias.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_batched_actors_equal_separate_policies_including_batchnorm_running_stats():
     torch.manual_seed(0)
     n, o, d, h = 3, 7, 2, 16
