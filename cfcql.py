@@ -103,6 +103,8 @@ class Args:
     """use CUDA when available"""
     bf16: bool = False
     """run the update under bfloat16 autocast (matrix multiplies in bf16; off by default, see README)"""
+    compile: bool = False
+    """torch.compile every network, forward and backward (opt-in, as LeanRL; measured slower on CPU, see README)"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     run_dir: str = "runs"
@@ -480,6 +482,9 @@ def main(args: Args) -> dict:
     )
 
     nets = make_nets(spec, args, device)
+    if args.compile:  # in place, so that state_dict keys and checkpoints stay the same
+        for net in (nets.actors, nets.actors_target, nets.critic, nets.critic_target):
+            net.compile()
     critic_opt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     actor_opt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)  # elementwise: = one Adam per agent
     env = make_vec_env(args.task, args.num_eval_episodes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import statistics
 import sys
 import time
@@ -64,12 +65,17 @@ class Data(SimpleNamespace):
         return self.obs.shape[0]
 
 
-def bench(algo: str, task: str, device, rounds: int, repeats: int, bf16: bool) -> dict:
+def bench(
+    algo: str, task: str, device, rounds: int, repeats: int, bf16: bool, compile_: bool = False
+) -> dict:
     module = importlib.import_module(algo)
     spec = get_task(task)
     args = module.resolve_args(module.Args(task=task, dataset="random", cuda=device.type == "cuda"))
     torch.manual_seed(0)
     nets = module.make_nets(spec, args, device)
+    if compile_:  # as the training scripts' --compile
+        for net in (nets.actors, nets.actors_target, nets.critic, nets.critic_target):
+            net.compile()
     copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
     data = Data(**vars(synthetic_data(spec, 100_000, device)))
@@ -102,6 +108,7 @@ def bench(algo: str, task: str, device, rounds: int, repeats: int, bf16: bool) -
         "task": task,
         "device": device.type,
         "dtype": "bf16" if bf16 else "fp32",
+        "compiled": compile_,
         "threads": torch.get_num_threads(),
         "ms": ms,
         "min": min(times),
@@ -123,6 +130,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also measure --compile (torch.compile)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     keep_freed_memory()
@@ -132,16 +140,20 @@ def main() -> None:
             family = FAMILY_OF[algo]
             if family is not None and get_task(task).family != family:
                 continue
-            for bf16 in [False, True] if a.bf16 else [False]:
-                r = bench(algo, task, device, a.rounds, a.repeats, bf16)
+            for bf16, compile_ in itertools.product(
+                [False, True] if a.bf16 else [False], [False, True] if a.compile else [False]
+            ):
+                r = bench(algo, task, device, a.rounds, a.repeats, bf16, compile_)
                 print(
-                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']} threads={r['threads']}: "
+                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if compile_ else ''} "
+                    f"threads={r['threads']}: "
                     f"{r['ms']:8.1f} ms/round (min {r['min']:.1f}, max {r['max']:.1f}), {r['gflop']:6.2f} GFLOP/round, "
                     f"{r['gflops']:6.1f} GFLOP/s, full run ({r['num_updates']} rounds) {r['full_run_min']:.1f} min",
                     flush=True,
                 )
                 print(
-                    f"RESULT algo={algo} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}",
+                    f"RESULT algo={algo} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}"
+                    + (" compile=1" if compile_ else ""),
                     flush=True,
                 )
 

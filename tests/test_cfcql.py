@@ -339,3 +339,19 @@ def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
     setattr(args, field, value)
     with pytest.raises(ValueError, match=message):
         cfcql.main(args)
+
+
+def test_compile_flag_is_a_speed_option_only(tmp_path):
+    """--compile (torch.compile of every network, forward and backward) trains the same networks: same seed,
+    same evaluation returns to float tolerance, and a checkpoint with the usual state_dict keys."""
+    write_tiny_dataset(tmp_path / "data", "cn")
+    eager = cfcql.main(tiny_args(cfcql, tmp_path, "cn"))
+    try:
+        compiled = cfcql.main(tiny_args(cfcql, tmp_path, "cn", compile=True, save_model=True))
+    finally:
+        torch._dynamo.reset()
+    assert compiled["args"]["compile"] is True
+    returns = [[r for _, r, _ in run["eval_history"]] for run in (eager, compiled)]
+    assert returns[1] == pytest.approx(returns[0], rel=1e-3)
+    state = torch.load(os.path.join(compiled["run_path"], "model.pt"), weights_only=False)
+    assert "w2" in state["critic"] and "w2" in state["actors"]  # no "_orig_mod." prefix
