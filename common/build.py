@@ -56,11 +56,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.dataset import dataset_path, locked, write_dataset
+from common.dataset import DatasetError, dataset_path, locked, write_dataset
 from common.envs import make_vec_env
 from common.tasks import DATASET_TYPES, TASKS, TaskSpec, check_dataset_type, get_task
 
@@ -120,6 +121,11 @@ def behaviour_file(task: str, dataset: str) -> Path:
     return BEHAVIOUR_DIR / f"{get_task(task).name}_{check_dataset_type(dataset).replace('-', '_')}.npz"
 
 
+def behaviour_digest(path: Path) -> str:
+    """The short sha256 that a dataset's `behaviour_policy` attribute records for its behaviour file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _layers(arrays, snapshot=None) -> list[tuple[np.ndarray, np.ndarray]]:
     layers, i = [], 0
     while f"w{i}" in arrays:
@@ -163,7 +169,7 @@ def load_behaviour(task: str, dataset: str, noise_std: float | None = None):
             f"without it (train it with matd3_online.py and export it with scripts/export_behaviour.py, or "
             f"build the 'random' dataset, which needs no policy)"
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = behaviour_digest(path)
     with np.load(path, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     source = f"common/behaviour/{path.name} (sha256 {digest})"
@@ -318,13 +324,36 @@ def build_dataset(task: str, dataset: str, seed: int, path, progress: bool = Tru
 def ensure_dataset(task: str, dataset: str, seed: int, data_dir="data", progress: bool = True) -> Path:
     """Path of dataset (task, dataset, seed) under `data_dir`, building it first if it does not exist.
 
-    The check and the build run under the dataset's lock, so concurrent callers build it once.
+    The check and the build run under the dataset's lock, so concurrent callers build it once. An existing file
+    that this generator built from a different behaviour file than the one shipped now (a stale dataset) is an
+    error, not a silent mismatch; files from elsewhere (e.g. imported OMAR data) are used as they are.
     """
     path = dataset_path(data_dir, task, dataset, seed)
     with locked(path):
         if not path.is_file():
             build_dataset(task, dataset, seed, path, progress=progress)
+        else:
+            _check_not_stale(path, task, dataset, seed)
     return path
+
+
+def _check_not_stale(path: Path, task: str, dataset: str, seed: int) -> None:
+    source = behaviour_file(task, dataset) if check_dataset_type(dataset) != "random" else None
+    if source is None or not source.is_file():
+        return  # random datasets have no behaviour file; a missing one leaves nothing to compare
+    with h5py.File(path, "r") as f:
+        generator, recorded = f.attrs.get("generator"), f.attrs.get("behaviour_policy")
+    generator = generator.decode() if isinstance(generator, bytes) else generator
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    if generator != GENERATOR:
+        return
+    digest = behaviour_digest(source)
+    if f"sha256 {digest}" not in recorded:
+        raise DatasetError(
+            f"{path} is stale: it was built from a different behaviour file than the shipped {source} "
+            f"(sha256 {digest}); recorded: {recorded!r}. Rebuild it with `python -m common.build --task {task} "
+            f"--dataset {dataset} --seed {seed} --data-dir {path.parents[2]} --force`, or delete it."
+        )
 
 
 # ============================================================================================================

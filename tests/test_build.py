@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common.build as build
-from common.dataset import load_dataset
+from common.dataset import DatasetError, load_dataset
 from common.tasks import get_task
 from matd3_online import Actors
 
@@ -204,3 +204,16 @@ def test_trainer_to_dataset_end_to_end(small, tmp_path):
     check_structure(ds, "cn", 4 + 7 * 4)  # the 8th (final) snapshot collected nothing
     ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
     check_structure(ds, "cn", MPE_EPISODES)
+
+
+def test_stale_dataset_is_an_error_not_a_silent_mismatch(small):
+    behaviour, data_dir = small
+    write_policy(behaviour, "cn", "medium", noise=0.1)
+    path = build.ensure_dataset("cn", "medium", 0, data_dir, progress=False)
+    assert build.ensure_dataset("cn", "medium", 0, data_dir, progress=False) == path  # up to date: reused
+    write_policy(behaviour, "cn", "medium", noise=0.2)  # the shipped behaviour file changes
+    with pytest.raises(DatasetError, match="stale.*--force"):
+        build.ensure_dataset("cn", "medium", 0, data_dir, progress=False)
+    build.main(build.BuildArgs(task="cn", dataset="medium", data_dir=str(data_dir), force=True))
+    rebuilt = load_dataset(build.ensure_dataset("cn", "medium", 0, data_dir, progress=False))
+    assert rebuilt.meta["exploration_noise"] == 0.2
