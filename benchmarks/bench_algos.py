@@ -6,8 +6,12 @@ code), the achieved GFLOP/s, device, dtype and threads, and the projected time o
 then one machine-readable line
     RESULT algo=<name> task=<cn|pp|world|halfcheetah> device=<cpu|cuda> dtype=<fp32|bf16> ms_per_round=<float>
 
-    python benchmarks/bench_algos.py                      # every algorithm, cn and halfcheetah, 2 threads
+    python benchmarks/bench_algos.py                      # every algorithm on cn, world, halfcheetah; 2 threads
     python benchmarks/bench_algos.py --algos spacql_mpe --tasks cn world --rounds 20 --repeats 5
+    python benchmarks/bench_algos.py --algos cfcql --tasks cn --bf16 --compile   # also bf16 and torch.compile
+
+Measure on an otherwise idle machine: a second busy process on a 2-core CPU distorts the figures several-fold.
+A --compile case adds ` compile=1` to its RESULT line.
 """
 
 from __future__ import annotations
