@@ -293,7 +293,7 @@ class EnsembleCritic(nn.Module):
         s_hat = (states - s_mean) * torch.rsqrt(s_var + 1e-5)  # [Gs, B, S]
         a_hat = (actions - a_mean) * torch.rsqrt(a_var + 1e-5)  # [G, B, R, A]
         # BatchNorm's affine part is folded into the first layer (exact): (x_hat * gamma + beta) W =
-        # x_hat (gamma W) + beta W. Autograd then never forms a gradient for the G*B*R input rows.
+        # x_hat (gamma W) + beta W. Then no gradient is formed for input rows that need none (the penalty's).
         gamma_s, gamma_a = self.bn_weight[:s_dim, None], self.bn_weight[s_dim:, None]
         bias1 = b1 + (self.bn_bias[:s_dim] @ w1s + self.bn_bias[s_dim:] @ w1a)[:, None]  # [E, 1, H]
         h_state = torch.matmul(s_hat.reshape(-1, s_dim), gamma_s * w1s) + bias1  # [E, Gs*B, H]
