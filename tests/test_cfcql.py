@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -341,6 +342,10 @@ def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
         cfcql.main(args)
 
 
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
 def test_compile_flag_is_a_speed_option_only(tmp_path):
     """--compile (torch.compile of every network, forward and backward) trains the same networks: same seed,
     same evaluation returns to float tolerance, and a checkpoint with the usual state_dict keys."""
