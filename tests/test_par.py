@@ -7,7 +7,9 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +255,20 @@ def test_tiny_run_on_cuda(tmp_path, name):
     args = tiny_args(module, tmp_path, "cn")
     args.cuda = True
     assert module.main(args)["device"].startswith("cuda")
+
+
+def test_summarize_runs_reads_back_a_spacql_run(tmp_path, capsys):
+    """scripts/summarize_runs.py (the source of RESULTS.md's numbers) reports what the run wrote."""
+    from scripts.summarize_runs import main as summarize_main
+    from scripts.summarize_runs import summarize
+
+    write_tiny_dataset(tmp_path / "data", "cn")
+    runs = [spacql_mpe.main(tiny_args(spacql_mpe, tmp_path, "cn", seed=s)) for s in (0, 1)]
+    r = summarize(Path(runs[0]["run_path"]))
+    assert r["final"] == pytest.approx(runs[0]["final_normalized_score"])
+    assert r["best"] == pytest.approx(max(h[2] for h in runs[0]["eval_history"]))
+    assert len(r["w"]) == 3 and r["w"].sum() == pytest.approx(1.0, abs=1e-4) and 1 <= r["k_eff"] <= 3
+    assert summarize(tmp_path / "no_such_run") is None
+    summarize_main([run["run_path"] for run in runs])
+    finals = [run["final_normalized_score"] for run in runs]
+    assert f"2 seeds, final {np.mean(finals):.1f}" in capsys.readouterr().out
