@@ -56,12 +56,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.dataset import DatasetError, dataset_path, locked, write_dataset
+from common.dataset import DatasetError, dataset_path, locked, read_metadata, write_dataset
 from common.envs import make_vec_env
 from common.tasks import DATASET_TYPES, TASKS, TaskSpec, check_dataset_type, get_task
 
@@ -341,13 +340,11 @@ def _check_not_stale(path: Path, task: str, dataset: str, seed: int) -> None:
     source = behaviour_file(task, dataset) if check_dataset_type(dataset) != "random" else None
     if source is None or not source.is_file():
         return  # random datasets have no behaviour file; a missing one leaves nothing to compare
-    with h5py.File(path, "r") as f:
-        generator, recorded = f.attrs.get("generator"), f.attrs.get("behaviour_policy")
-    generator = generator.decode() if isinstance(generator, bytes) else generator
-    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
-    if generator != GENERATOR:
+    meta = read_metadata(path)
+    if meta.get("generator") != GENERATOR:
         return
     digest = behaviour_digest(source)
+    recorded = str(meta.get("behaviour_policy"))
     if f"sha256 {digest}" not in recorded:
         raise DatasetError(
             f"{path} is stale: it was built from a different behaviour file than the shipped {source} "

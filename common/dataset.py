@@ -393,6 +393,12 @@ def _meta(attrs: h5py.AttributeManager) -> dict:
     return meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A dataset file's attributes (decoded), without reading or validating its arrays."""
+    with h5py.File(path, "r") as f:
+        return _meta(f.attrs)
+
+
 def _read_file(path: Path, spec: TaskSpec | None, dataset: str | None) -> tuple[TaskSpec, dict, dict]:
     with h5py.File(path, "r") as f:
         meta = _meta(f.attrs)
