@@ -125,6 +125,72 @@ def test_batched_ensemble_gradients_equal_loop_over_members():
             torch.testing.assert_close(bias[j, 0], lin.bias.grad, rtol=1e-4, atol=1e-5)
 
 
+def plain_penalty_logsumexp(nets, states, slot, others, logp):
+    """The oracle of the chunked PenaltyLogSumExp: the critic's ordinary autograd forward on all counterfactual
+    rows, then torch.logsumexp and the mean, as the code was written before the chunking."""
+    b, n, m, _ = slot.shape
+    mask = torch.eye(n, dtype=torch.bool)[:, None, :]
+    joint = cfcql.replace_actions(others[:, None], slot[:, :, :, None, :], mask)  # [B, n, M, n, d]
+    q = nets.critic(states[None], joint.reshape(1, b, n * m, -1)).view(-1, b, n, m)
+    return torch.logsumexp(q - logp, dim=-1).mean(dim=(1, 2)).sum()
+
+
+def penalty_inputs(nets, b, n, m, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a non-trivial BatchNorm affine, so that the gradient through the folding is exercised
+        nets.critic.bn_weight.uniform_(0.5, 1.5, generator=g)
+        nets.critic.bn_bias.normal_(generator=g)
+    slot = torch.rand(b, n, m, d, generator=g) * 2 - 1
+    others = torch.rand(b, m, n, d, generator=g) * 2 - 1
+    logp = torch.randn(b, n, m, generator=g)
+    return slot, others, logp
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 700, 2**18])  # one state per chunk, ragged chunks, one chunk
+def test_chunked_penalty_equals_plain_autograd_values_and_gradients(monkeypatch, chunk_elements):
+    spec, args, nets, batch = toy_setup("cn", num_critics=3, b=7, hidden=8)
+    n, d, m = spec.n_agents, spec.act_dim, 4
+    slot, others, logp = penalty_inputs(nets, 7, n, m, d)
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    params = list(nets.critic.parameters())
+    fast = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+    (3.0 * fast).backward()  # a non-unit incoming gradient: backward must scale by it
+    fast_grads = [p.grad.clone() for p in params]
+    nets.critic.zero_grad()
+    slow = plain_penalty_logsumexp(nets, batch.states, slot, others, logp)
+    (3.0 * slow).backward()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for p, g in zip(params, fast_grads, strict=True):
+        assert p.grad.abs().sum() > 0
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_penalty_bf16_is_close_to_float32():
+    spec, args, nets, batch = toy_setup("halfcheetah", num_critics=2, b=16, hidden=32)
+    slot, others, logp = penalty_inputs(nets, 16, spec.n_agents, 5, spec.act_dim)
+    exact = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+    exact.backward()
+    exact_grad = nets.critic.w2.grad.clone()
+    nets.critic.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+    low.backward()
+    assert low.dtype == torch.float32 and nets.critic.w2.grad.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(nets.critic.w2.grad, exact_grad, rtol=0.1, atol=0.1 * exact_grad.abs().max().item())
+
+
+def test_chunked_penalty_rejects_inputs_it_cannot_differentiate_or_shapes_that_disagree():
+    spec, args, nets, batch = toy_setup("cn", num_critics=2, b=4, hidden=8)
+    slot, others, logp = penalty_inputs(nets, 4, spec.n_agents, 3, spec.act_dim)
+    with pytest.raises(ValueError, match="actions or the densities"):
+        cfcql.counterfactual_logsumexp(nets, batch.states, slot.requires_grad_(), others, logp)
+    h_state, a_hat, w1a = nets.critic.first_layer(batch.states[None], torch.rand(1, 4, 5, 3 * spec.act_dim))
+    c = nets.critic
+    with pytest.raises(ValueError, match="expected B\\*n\\*M"):
+        cfcql.PenaltyLogSumExp.apply(h_state, a_hat, w1a, c.w2, c.b2, c.w3, c.b3, logp.detach())
+
+
 def test_batched_actors_equal_separate_policies_including_batchnorm_running_stats():
     torch.manual_seed(0)
     n, o, d, h = 3, 7, 2, 16
