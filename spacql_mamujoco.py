@@ -372,7 +372,10 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 # ======================================================================================================
 
 
-CPU_CHUNK_ELEMENTS = 2**18  # activation elements per chunk on CPU (1 MB in float32): cache-sized, measured
+# Activation elements per chunk on CPU in float32 (4 MB per tensor): measured fastest of 2^17..2^27 on the 2-core
+# CPU (SPaCQL cn 517 ms/round vs 569 at 2^18 and 608 unchunked). bfloat16 runs unchunked: its elementwise kernels
+# are bound by the conversions, not by memory, so chunking only added per-call overhead (422 vs 520 ms at 2^20).
+CPU_CHUNK_ELEMENTS = 2**20
 
 
 def relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -388,8 +391,9 @@ class PenaltyLogSumExp(torch.autograd.Function):
     against it), arranged for speed on CPU: the n*B*M counterfactual activations are ~80 MB per tensor at E = 10,
     so each of autograd's ~15 elementwise passes over them runs at memory speed. The sum over states splits
     into chunks of states whose gradients need nothing from other chunks, so every chunk runs its forward AND
-    its backward while its activations (~1 MB) are in cache. The gradient is therefore formed in forward
-    (whenever an input needs one) and backward only scales it by the incoming gradient. On CUDA: one chunk.
+    its backward while its activations (a few MB) are in cache. The gradient is therefore formed in forward
+    (whenever an input needs one) and backward only scales it by the incoming gradient. On CUDA and under
+    --bf16: one chunk.
     Under --bf16 the matmuls run in bfloat16 as autocast would; Q, the softmax and the accumulated gradients
     stay in float32.
     """
@@ -407,7 +411,8 @@ class PenaltyLogSumExp(torch.autograd.Function):
             raise ValueError(f"a_hat has {a_hat.shape[0]} rows, expected B*n*M = {b * r}")
         device = h_state.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-        chunk = b if device == "cuda" else max(1, CPU_CHUNK_ELEMENTS // (e * r * h_dim))
+        cpu_fp32 = device == "cpu" and dtype == torch.float32
+        chunk = max(1, CPU_CHUNK_ELEMENTS // (e * r * h_dim)) if cpu_fp32 else b
         need_grad = any(ctx.needs_input_grad)
         scale = 1.0 / (b * n)  # the mean over states b and agents i
         w1a_, w2_, b2_, h_state_ = (x.detach().to(dtype) for x in (w1a, w2, b2, h_state))
