@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Speed benchmarks (not tests): environment throughput, evaluation latency, dataset build time, and the
-# milliseconds per update round of every algorithm. Each prints human-readable lines and `RESULT ...` lines.
+# milliseconds per update round of every algorithm, and the attainable matmul rates at the critic's shapes
+# (the ceiling of the round time). Each prints human-readable lines and `RESULT ...` lines.
 # Run on an otherwise idle machine: other processes on the same cores distort the figures.
 #   bash benchmark.sh            # everything
 #   bash benchmark.sh envs       # environments only
-#   bash benchmark.sh algos      # algorithms only (extra arguments go to benchmarks/bench_algos.py)
+#   bash benchmark.sh algos      # algorithms and matmul rates (extra arguments go to benchmarks/bench_algos.py)
+#   bash benchmark.sh matmul     # matmul rates only
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-all}"
@@ -15,4 +17,7 @@ if [[ "$what" == all || "$what" == envs ]]; then
 fi
 if [[ "$what" == all || "$what" == algos ]]; then
   python benchmarks/bench_algos.py --bf16 "$@"
+fi
+if [[ "$what" == all || "$what" == algos || "$what" == matmul ]]; then
+  python benchmarks/bench_matmul.py
 fi
