@@ -372,9 +372,10 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 # ======================================================================================================
 
 
-# Activation elements per chunk on CPU in float32 (4 MB per tensor): measured fastest of 2^17..2^27 on the 2-core
-# CPU (SPaCQL cn 517 ms/round vs 569 at 2^18 and 608 unchunked). bfloat16 runs unchunked: its elementwise kernels
-# are bound by the conversions, not by memory, so chunking only added per-call overhead (422 vs 520 ms at 2^20).
+# Activation elements per chunk on CPU in float32 (4 MB per tensor). Measured on the 2-core CPU, SPaCQL cn ms per
+# round: 712 / 569 / 525 / 517 / 608 at 2^17 / 2^18 / 2^19 / 2^20 / unchunked. bfloat16 runs unchunked: its
+# elementwise kernels are bound by the conversions, not by memory, so chunks only added per-call overhead (422 ms
+# unchunked vs 520 at 2^20). The loop over chunks is over states, never over members, agents or k.
 CPU_CHUNK_ELEMENTS = 2**20
 
 

@@ -137,7 +137,7 @@ def plain_penalty_logsumexp(nets, states, slot, others, logp):
 
 def penalty_inputs(nets, b, n, m, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a non-trivial BatchNorm affine, so that the gradient through the folding is exercised
+    with torch.no_grad():  # a non-trivial BatchNorm affine: the gradient through its folding is exercised
         nets.critic.bn_weight.uniform_(0.5, 1.5, generator=g)
         nets.critic.bn_bias.normal_(generator=g)
     slot = torch.rand(b, n, m, d, generator=g) * 2 - 1
@@ -177,7 +177,9 @@ def test_chunked_penalty_bf16_is_close_to_float32():
     low.backward()
     assert low.dtype == torch.float32 and nets.critic.w2.grad.dtype == torch.float32
     torch.testing.assert_close(low, exact, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(nets.critic.w2.grad, exact_grad, rtol=0.1, atol=0.1 * exact_grad.abs().max().item())
+    torch.testing.assert_close(
+        nets.critic.w2.grad, exact_grad, rtol=0.1, atol=0.1 * exact_grad.abs().max().item()
+    )
 
 
 def test_chunked_penalty_rejects_inputs_it_cannot_differentiate_or_shapes_that_disagree():
