@@ -423,7 +423,8 @@ class PenaltyLogSumExp(torch.autograd.Function):
         total = torch.zeros((), device=h_state.device)
         with torch.autocast(device, enabled=False):
             for lo in range(0, b, chunk):
-                hi, c = min(b, lo + chunk), min(chunk, b - lo)
+                hi = min(b, lo + chunk)
+                c = hi - lo  # states in this chunk
                 a_c = a_hat[lo * r : hi * r].to(dtype)  # [c*R, A]
                 h1 = torch.matmul(a_c, w1a_).view(e, c, r, h_dim).add_(h_state_[:, lo:hi, None]).relu_()
                 h1 = h1.view(e, c * r, h_dim)  # layer 1 [E, c*R, H]
@@ -466,9 +467,11 @@ def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, lo
     b, n, m, _ = slot_actions.shape
     mask = torch.eye(n, dtype=torch.bool, device=states.device)[:, None, :]  # [n(i), 1, n]
     joint = replace_actions(other_actions[:, None], slot_actions[:, :, :, None, :], mask)  # [B, n, M, n, d]
-    h_state, a_hat, w1a = nets.critic.first_layer(states[None], joint.reshape(1, b, n * m, -1))
-    c = nets.critic
-    return PenaltyLogSumExp.apply(h_state, a_hat, w1a, c.w2, c.b2, c.w3, c.b3, log_density)
+    critic = nets.critic
+    h_state, a_hat, w1a = critic.first_layer(states[None], joint.reshape(1, b, n * m, -1))
+    return PenaltyLogSumExp.apply(
+        h_state, a_hat, w1a, critic.w2, critic.b2, critic.w3, critic.b3, log_density
+    )
 
 
 def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> torch.Tensor:
