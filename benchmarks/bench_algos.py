@@ -78,8 +78,7 @@ def bench(
     torch.manual_seed(0)
     nets = module.make_nets(spec, args, device)
     if compile_:  # as the training scripts' --compile
-        for net in (nets.actors, nets.actors_target, nets.critic, nets.critic_target):
-            net.compile()
+        module.compile_nets(nets, device)
     copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
     data = Data(**vars(synthetic_data(spec, 100_000, device)))

@@ -440,8 +440,9 @@ def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
     reason="torch.compile's CPU backend needs a C++ compiler",
 )
 def test_compile_flag_is_a_speed_option_only(tmp_path):
-    """--compile (torch.compile of every network, forward and backward) trains the same networks: same seed,
-    same evaluation returns to float tolerance, and a checkpoint with the usual state_dict keys."""
+    """--compile (torch.compile of the penalty's chunk function; on CUDA also of every network) trains the same
+    networks: same seed, same evaluation returns to float tolerance, and a checkpoint with the usual state_dict
+    keys."""
     write_tiny_dataset(tmp_path / "data", "cn")
     eager = cfcql.main(tiny_args(cfcql, tmp_path, "cn"))
     try:
@@ -453,3 +454,32 @@ def test_compile_flag_is_a_speed_option_only(tmp_path):
     assert returns[1] == pytest.approx(returns[0], rel=1e-3)
     state = torch.load(os.path.join(compiled["run_path"], "model.pt"), weights_only=False)
     assert "w2" in state["critic"] and "w2" in state["actors"]  # no "_orig_mod." prefix
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
+def test_compiled_penalty_chunk_equals_eager_values_and_gradients(monkeypatch):
+    """compile_nets swaps in torch.compile(penalty_chunk); with ragged chunks (two compiled shapes) the penalty and
+    the gradient of every critic parameter equal the eager chunk function's."""
+    spec, args, nets, batch = toy_setup("cn", num_critics=3, b=10, hidden=16)
+    slot, others, logp = penalty_inputs(nets, 10, spec.n_agents, 4, spec.act_dim)
+    monkeypatch.setattr(
+        cfcql, "CPU_CHUNK_ELEMENTS", 4 * 3 * (3 * 4) * 16
+    )  # 4 states (E*n*M*H each) per chunk
+    results = []
+    try:
+        for compiled in (False, True):
+            if compiled:
+                cfcql.compile_nets(nets, torch.device("cpu"))
+                assert nets.penalty_chunk is not cfcql.penalty_chunk
+            nets.critic.zero_grad()
+            value = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+            (2.0 * value).backward()
+            results.append((value.detach(), [p.grad.clone() for p in nets.critic.parameters()]))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for fast, eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
