@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.perf import keep_freed_memory  # noqa: E402
+from common.perf import keep_freed_memory, machine_description  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
 FAMILY_OF = {"cfcql": None, "icql_qs": None, "spacql_mpe": "mpe", "spacql_mamujoco": "mamujoco"}
@@ -137,6 +137,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     keep_freed_memory()
+    print(f"MACHINE {machine_description()}", flush=True)
     device = torch.device(a.device)
     for algo in a.algos:
         for task in a.tasks:

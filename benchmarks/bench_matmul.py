@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.perf import keep_freed_memory  # noqa: E402
+from common.perf import keep_freed_memory, machine_description  # noqa: E402
 
 
 def timed(fn, repeats: int = 15) -> float:
@@ -60,10 +60,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     keep_freed_memory()
+    print(f"MACHINE {machine_description()}", flush=True)
     shapes = [  # (label, E, rows, K, N)
         ("spacql cn layer 2, 1 chunk", 10, 1620, 64, 64),
         ("spacql cn layer 2, unchunked", 10, 30720, 64, 64),
-        ("spacql cn layer 1 (actions)", 10, 1620, 15, 64),
+        ("spacql cn layer 1 (actions, K = n*d)", 10, 1620, 6, 64),
         ("cfcql cn layer 2, 1 chunk", 2, 8190, 64, 64),
         ("cfcql halfcheetah layer 2, 1 chunk", 2, 2040, 256, 256),
         ("square (machine peak)", 1, 2048, 1024, 1024),
