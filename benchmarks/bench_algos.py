@@ -11,6 +11,8 @@ then one machine-readable line
     python benchmarks/bench_algos.py --algos cfcql --tasks cn --bf16 --compile   # also bf16 and torch.compile
 
 Measure on an otherwise idle machine: a second busy process on a 2-core CPU distorts the figures several-fold.
+The variants of one algorithm and task (fp32/bf16, eager/compiled) are timed interleaved, repeat by repeat, so that
+the machine's drift does not favour one of them; the first line printed names the machine (MACHINE ...).
 A --compile case adds ` compile=1` to its RESULT line.
 """
 
@@ -69,9 +71,8 @@ class Data(SimpleNamespace):
         return self.obs.shape[0]
 
 
-def bench(
-    algo: str, task: str, device, rounds: int, repeats: int, bf16: bool, compile_: bool = False
-) -> dict:
+def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) -> dict:
+    """Networks, optimizers and synthetic data of one case; returns its one_round() and its FLOPs per round."""
     module = importlib.import_module(algo)
     spec = get_task(task)
     args = module.resolve_args(module.Args(task=task, dataset="random", cuda=device.type == "cuda"))
@@ -88,40 +89,42 @@ def bench(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return module.update_round(data, nets, copt, aopt, args, gen)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     with FlopCounterMode(display=False) as counter:
         one_round()
-    flops = counter.get_total_flops()
-    for _ in range(3):  # warm-up
+    for _ in range(3):  # warm-up (and compilation)
         one_round()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(rounds):
-            one_round()
-        sync()
-        times.append((time.perf_counter() - t0) / rounds * 1e3)
-    ms = statistics.median(times)
     return {
+        "one_round": one_round,
         "algo": algo,
         "task": task,
         "device": device.type,
         "dtype": "bf16" if bf16 else "fp32",
         "compiled": compile_,
         "threads": torch.get_num_threads(),
-        "ms": ms,
-        "min": min(times),
-        "max": max(times),
-        "gflop": flops / 1e9,
-        "gflops": flops / 1e9 / (ms / 1e3),
-        "full_run_min": ms * args.num_updates / 1e3 / 60,
+        "gflop": counter.get_total_flops() / 1e9,
         "num_updates": args.num_updates,
         "E": args.num_critics,
     }
+
+
+def measure(cases: list[dict], rounds: int, repeats: int) -> None:
+    """Times every case's rounds, the cases interleaved repeat by repeat: a virtual machine's speed drifts by
+    10-20% over minutes, and interleaving spreads the drift over all variants instead of favouring one."""
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for case, ts in zip(cases, times, strict=True):
+            if case["device"] == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                case["one_round"]()
+            if case["device"] == "cuda":
+                torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) / rounds * 1e3)
+    for case, ts in zip(cases, times, strict=True):
+        ms = statistics.median(ts)
+        case.update(ms=ms, min=min(ts), max=max(ts), gflops=case["gflop"] / (ms / 1e3))
+        case["full_run_min"] = ms * case["num_updates"] / 1e3 / 60
 
 
 def main() -> None:
@@ -144,12 +147,16 @@ def main() -> None:
             family = FAMILY_OF[algo]
             if family is not None and get_task(task).family != family:
                 continue
-            for bf16, compile_ in itertools.product(
-                [False, True] if a.bf16 else [False], [False, True] if a.compile else [False]
-            ):
-                r = bench(algo, task, device, a.rounds, a.repeats, bf16, compile_)
+            cases = [
+                prepare(algo, task, device, bf16, compile_)
+                for bf16, compile_ in itertools.product(
+                    [False, True] if a.bf16 else [False], [False, True] if a.compile else [False]
+                )
+            ]
+            measure(cases, a.rounds, a.repeats)
+            for r in cases:
                 print(
-                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if compile_ else ''} "
+                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if r['compiled'] else ''} "
                     f"threads={r['threads']}: "
                     f"{r['ms']:8.1f} ms/round (min {r['min']:.1f}, max {r['max']:.1f}), {r['gflop']:6.2f} GFLOP/round, "
                     f"{r['gflops']:6.1f} GFLOP/s, full run ({r['num_updates']} rounds) {r['full_run_min']:.1f} min",
@@ -157,7 +164,7 @@ def main() -> None:
                 )
                 print(
                     f"RESULT algo={algo} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}"
-                    + (" compile=1" if compile_ else ""),
+                    + (" compile=1" if r["compiled"] else ""),
                     flush=True,
                 )
 
