@@ -468,17 +468,9 @@ def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, lo
     joint = replace_actions(other_actions[:, None], slot_actions[:, :, :, None, :], mask)  # [B, n, M, n, d]
     critic = nets.critic
     h_state, a_hat, w1a = critic.first_layer(states[None], joint.reshape(1, b, n * m, -1))
-    return PenaltyLogSumExp.apply(
-        h_state,
-        a_hat,
-        w1a,
-        critic.w2,
-        critic.b2,
-        critic.w3,
-        critic.b3,
-        log_density,
-        nets.penalty_chunk or penalty_chunk,
-    )
+    later_layers = (critic.w2, critic.b2, critic.w3, critic.b3)
+    chunk_fn = nets.penalty_chunk or penalty_chunk  # torch.compile'd under --compile
+    return PenaltyLogSumExp.apply(h_state, a_hat, w1a, *later_layers, log_density, chunk_fn)
 
 
 def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> torch.Tensor:
