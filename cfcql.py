@@ -105,7 +105,7 @@ class Args:
     bf16: bool = False
     """run the update under bfloat16 autocast (matrix multiplies in bf16; off by default, see README)"""
     compile: bool = False
-    """torch.compile the penalty's chunk function, and on CUDA every network (opt-in, as LeanRL; see README)"""
+    """torch.compile the critic and actor losses (opt-in, as LeanRL; costs 10-60 s of compilation; see README)"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     run_dir: str = "runs"
@@ -321,7 +321,8 @@ class Nets:
     actors_target: Actors
     critic: EnsembleCritic
     critic_target: EnsembleCritic
-    penalty_chunk: Callable | None = None  # the penalty's chunk function: None = penalty_chunk (eager)
+    critic_loss: Callable | None = None  # torch.compile(critic_loss) under --compile (None: eager)
+    actor_loss: Callable | None = None  # torch.compile(actor_loss) under --compile (None: eager)
 
 
 # ======================================================================================================
@@ -364,8 +365,8 @@ def penalty_chunk(a_c, h_state_c, log_density_c, w1a, w2, b2, w3, b3, scale: flo
     of scale * that sum with respect to (h_state_c, w1a, w2, b2, w3, b3), by hand (backprop through the MLP).
 
     a_c [c*R, A] (R = n*M rows per state, in (i, m) order); h_state_c [E, c, H]; log_density_c [c, n, M]; w1a, w2,
-    b2 in the compute dtype; w3 [E, H, 1], b3 [E, 1, 1] in float32. A pure function of tensors, so that --compile
-    can fuse its elementwise passes (torch.compile); eagerly it is the same code.
+    b2 in the compute dtype; w3 [E, H, 1], b3 [E, 1, 1] in float32. Under --compile it is traced into the compiled
+    critic loss, which fuses its elementwise passes.
     """
     e, c, h_dim = h_state_c.shape
     _, n, m = log_density_c.shape
@@ -408,13 +409,13 @@ class PenaltyLogSumExp(torch.autograd.Function):
     into chunks of states whose gradients need nothing from other chunks, so every chunk runs its forward AND
     its backward (penalty_chunk) while its activations (a few MB) are in cache. The gradient is therefore formed
     in forward (whenever an input needs one) and backward only scales it by the incoming gradient. On CUDA and
-    under --bf16: one chunk. chunk_fn is penalty_chunk, or its torch.compile'd version under --compile.
+    under --bf16: one chunk.
     Under --bf16 the matmuls run in bfloat16 as autocast would; Q, the softmax and the accumulated gradients
     stay in float32.
     """
 
     @staticmethod
-    def forward(ctx, h_state, a_hat, w1a, w2, b2, w3, b3, log_density, chunk_fn=penalty_chunk):
+    def forward(ctx, h_state, a_hat, w1a, w2, b2, w3, b3, log_density):
         # h_state [E, B, H] (first layer, state half + bias); a_hat [B*R, A] with R = n*M rows per state, in
         # (i, m) order; w1a [E, A, H]; w2 [E, H, H]; b2 [E, 1, H]; w3 [E, H, 1]; b3 [E, 1, 1]; log_density [B, n, M]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[7]:
@@ -437,7 +438,7 @@ class PenaltyLogSumExp(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for lo in range(0, b, chunk):
                 hi = min(b, lo + chunk)
-                z, g = chunk_fn(
+                z, g = penalty_chunk(
                     a_hat[lo * r : hi * r], h_state_[:, lo:hi], log_density[lo:hi], w1a_, w2_, b2_, w3, b3,
                     scale, need_grad,
                 )  # fmt: skip
@@ -452,7 +453,7 @@ class PenaltyLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         d_state, d_w1a, d_w2, d_b2, d_w3, d_b3 = (g * grad_out for g in ctx.saved_tensors)
-        return d_state, None, d_w1a, d_w2, d_b2, d_w3, d_b3, None, None
+        return d_state, None, d_w1a, d_w2, d_b2, d_w3, d_b3, None
 
 
 def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, log_density) -> torch.Tensor:
@@ -469,8 +470,7 @@ def counterfactual_logsumexp(nets: Nets, states, slot_actions, other_actions, lo
     critic = nets.critic
     h_state, a_hat, w1a = critic.first_layer(states[None], joint.reshape(1, b, n * m, -1))
     later_layers = (critic.w2, critic.b2, critic.w3, critic.b3)
-    chunk_fn = nets.penalty_chunk or penalty_chunk  # torch.compile'd under --compile
-    return PenaltyLogSumExp.apply(h_state, a_hat, w1a, *later_layers, log_density, chunk_fn)
+    return PenaltyLogSumExp.apply(h_state, a_hat, w1a, *later_layers, log_density)
 
 
 def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> torch.Tensor:
@@ -521,26 +521,31 @@ def actor_loss(batch: Batch, nets: Nets, args: Args) -> torch.Tensor:
 # ======================================================================================================
 
 
-def critic_step(batch: Batch, nets: Nets, critic_opt, args: Args) -> dict:
+def critic_loss(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]:
+    """Sum over members of the mean TD error plus alpha times the conservative penalty, and diagnostics."""
     q_data = nets.critic(batch.states[None], batch.actions.flatten(1)[None, :, None])  # [E, 1, B, 1]
     y, info = td_target(batch, nets, args)  # [G, B, 1]
     td_loss = (q_data - y).pow(2).mean(dim=(1, 2, 3)).sum()  # sum over members of the mean TD error
     penalty = cql_penalty(batch, nets, q_data, args)
-    loss = td_loss + args.alpha * penalty
-    critic_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(nets.critic.parameters(), args.grad_clip)
-    critic_opt.step()
     info |= {
         "losses/td": td_loss.detach(),
         "losses/cql_penalty": penalty.detach(),
         "charts/q_data": q_data.mean().detach(),
     }
+    return td_loss + args.alpha * penalty, info
+
+
+def critic_step(batch: Batch, nets: Nets, critic_opt, args: Args) -> dict:
+    loss, info = (nets.critic_loss or critic_loss)(batch, nets, args)
+    critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(nets.critic.parameters(), args.grad_clip)
+    critic_opt.step()
     return info
 
 
 def actor_step(batch: Batch, nets: Nets, actor_opt, args: Args) -> dict:
-    loss = actor_loss(batch, nets, args)
+    loss = (nets.actor_loss or actor_loss)(batch, nets, args)
     params = list(nets.actors.parameters())
     for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):  # no gradient into the critic
         p.grad = g
@@ -573,15 +578,16 @@ def make_nets(spec, args: Args, device: torch.device) -> Nets:
     return Nets(actors, actors_target, critic, critic_target)
 
 
-def compile_nets(nets: Nets, device: torch.device) -> None:
-    """--compile (LeanRL's approach): torch.compile the penalty's chunk function, which fuses its elementwise
-    passes (CPU, in-process A/B: cfcql cn 196 -> 176 ms per round), and on CUDA also every network, in place so
-    that state_dict keys and checkpoints stay the same. On CPU the compiled networks were slower (cfcql cn 176
-    -> 193 ms per round on top of the compiled chunk), so there they stay eager."""
-    nets.penalty_chunk = torch.compile(penalty_chunk, dynamic=False)
-    if device.type == "cuda":
-        for net in (nets.actors, nets.actors_target, nets.critic, nets.critic_target):
-            net.compile()
+def compile_nets(nets: Nets) -> None:
+    """--compile (LeanRL's approach): torch.compile the critic and actor losses, each one graph (forward, and its
+    backward through autograd) whose elementwise passes inductor fuses. Random numbers come from the eager
+    generators (inductor's fallback_random), so that the flag changes speed only: same samples, same results to
+    float rounding (tested). The networks themselves stay eager modules (checkpoints unchanged)."""
+    import torch._inductor.config as inductor_config  # only under --compile: a heavy import
+
+    inductor_config.fallback_random = True
+    nets.critic_loss = torch.compile(critic_loss)
+    nets.actor_loss = torch.compile(actor_loss)
 
 
 def run_evaluation(nets: Nets, env, args: Args, device) -> tuple[float, float]:
@@ -615,7 +621,7 @@ def main(args: Args) -> dict:
 
     nets = make_nets(spec, args, device)
     if args.compile:
-        compile_nets(nets, device)
+        compile_nets(nets)
     critic_opt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     actor_opt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)  # elementwise: = one Adam per agent
     env = make_vec_env(args.task, args.num_eval_episodes)

@@ -79,7 +79,7 @@ def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) ->
     torch.manual_seed(0)
     nets = module.make_nets(spec, args, device)
     if compile_:  # as the training scripts' --compile
-        module.compile_nets(nets, device)
+        module.compile_nets(nets)
     copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
     data = Data(**vars(synthetic_data(spec, 100_000, device)))

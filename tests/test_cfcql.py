@@ -440,9 +440,8 @@ def test_bad_arguments_fail_clearly(tmp_path, field, value, message):
     reason="torch.compile's CPU backend needs a C++ compiler",
 )
 def test_compile_flag_is_a_speed_option_only(tmp_path):
-    """--compile (torch.compile of the penalty's chunk function; on CUDA also of every network) trains the same
-    networks: same seed, same evaluation returns to float tolerance, and a checkpoint with the usual state_dict
-    keys."""
+    """--compile (torch.compile of the critic and actor losses) trains the same networks: same seed, same
+    evaluation returns to float tolerance, and a checkpoint with the usual state_dict keys."""
     write_tiny_dataset(tmp_path / "data", "cn")
     eager = cfcql.main(tiny_args(cfcql, tmp_path, "cn"))
     try:
@@ -460,26 +459,41 @@ def test_compile_flag_is_a_speed_option_only(tmp_path):
     shutil.which("c++") is None and shutil.which("g++") is None,
     reason="torch.compile's CPU backend needs a C++ compiler",
 )
-def test_compiled_penalty_chunk_equals_eager_values_and_gradients(monkeypatch):
-    """compile_nets swaps in torch.compile(penalty_chunk); with ragged chunks (two compiled shapes) the penalty and
-    the gradient of every critic parameter equal the eager chunk function's."""
-    spec, args, nets, batch = toy_setup("cn", num_critics=3, b=10, hidden=16)
-    slot, others, logp = penalty_inputs(nets, 10, spec.n_agents, 4, spec.act_dim)
-    monkeypatch.setattr(
-        cfcql, "CPU_CHUNK_ELEMENTS", 4 * 3 * (3 * 4) * 16
-    )  # 4 states (E*n*M*H each) per chunk
+def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="halfcheetah"):
+    """compile_nets swaps in torch.compile(critic_loss) and torch.compile(actor_loss). With the same random numbers
+    (same seed) and ragged penalty chunks, the losses and the gradient of every critic and actor parameter equal
+    the eager ones. HalfCheetah: its penalty has all three sample sources, policy samples included (the particle
+    path is exercised end to end by test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per test)."""
+    spec, args, nets, batch = toy_setup(task, num_critics=3, b=10, hidden=16)
+    args.num_cql_samples = 4
+    rows_per_state = spec.n_agents * args.num_cql_samples * (1 if spec.family == "mpe" else 3)
+    chunk_elements = 6 * 3 * rows_per_state * 16  # E * rows * H per state: chunks of 6 and 4 states
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", chunk_elements)
     results = []
     try:
         for compiled in (False, True):
             if compiled:
-                cfcql.compile_nets(nets, torch.device("cpu"))
-                assert nets.penalty_chunk is not cfcql.penalty_chunk
+                cfcql.compile_nets(nets)
+                assert nets.critic_loss is not None and nets.actor_loss is not None
+            torch.manual_seed(3)
+            actor_state = {k: v.clone() for k, v in nets.actors.state_dict().items()}
             nets.critic.zero_grad()
-            value = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
-            (2.0 * value).backward()
-            results.append((value.detach(), [p.grad.clone() for p in nets.critic.parameters()]))
+            nets.actors.zero_grad()
+            c_loss, info = (nets.critic_loss or cfcql.critic_loss)(batch, nets, args)
+            c_loss.backward()
+            a_loss = (nets.actor_loss or cfcql.actor_loss)(batch, nets, args)
+            a_grads = torch.autograd.grad(a_loss, list(nets.actors.parameters()))
+            nets.actors.load_state_dict(
+                actor_state
+            )  # the training-mode forwards moved the BatchNorm averages
+            c_grads = [p.grad.clone() for p in nets.critic.parameters()]
+            results.append((c_loss.detach(), info["losses/cql_penalty"], a_loss.detach(), c_grads, a_grads))
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    for fast, eager in zip(results[1][1], results[0][1], strict=True):
+    (c0, pen0, a0, cg0, ag0), (c1, pen1, a1, cg1, ag1) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pen1, pen0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-6)
+    for fast, eager in zip(cg1 + list(ag1), cg0 + list(ag0), strict=True):
+        assert eager.abs().sum() > 0
         torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
