@@ -78,8 +78,6 @@ def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) ->
     args = module.resolve_args(module.Args(task=task, dataset="random", cuda=device.type == "cuda"))
     torch.manual_seed(0)
     nets = module.make_nets(spec, args, device)
-    if compile_:  # as the training scripts' --compile
-        module.compile_nets(nets)
     copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     aopt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)
     data = Data(**vars(synthetic_data(spec, 100_000, device)))
@@ -91,6 +89,12 @@ def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) ->
 
     with FlopCounterMode(display=False) as counter:
         one_round()
+    if (
+        compile_
+    ):  # as the training scripts' --compile; only now: torch.compile runs a function eagerly, and keeps
+        module.compile_nets(
+            nets
+        )  # running it eagerly, once it was first called under a mode like the FLOP counter
     for _ in range(3):  # warm-up (and compilation)
         one_round()
     return {
