@@ -605,7 +605,7 @@ def make_nets(spec, args: Args, device: torch.device) -> Nets:
     return Nets(actors, actors_target, critic, critic_target)
 
 
-def compile_nets(nets: Nets) -> None:
+def compile_losses(nets: Nets) -> None:
     """--compile (LeanRL's approach): torch.compile the critic and actor losses, each one graph (forward, and its
     backward through autograd) whose elementwise passes inductor fuses. Random numbers come from the eager
     generators (inductor's fallback_random), so that the flag changes speed only: same samples, same results to
@@ -648,7 +648,7 @@ def main(args: Args) -> dict:
 
     nets = make_nets(spec, args, device)
     if args.compile:
-        compile_nets(nets)
+        compile_losses(nets)
     critic_opt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
     actor_opt = torch.optim.Adam(nets.actors.parameters(), lr=args.lr)  # elementwise: = one Adam per agent
     env = make_vec_env(args.task, args.num_eval_episodes)

@@ -460,7 +460,7 @@ def test_compile_flag_is_a_speed_option_only(tmp_path):
     reason="torch.compile's CPU backend needs a C++ compiler",
 )
 def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="halfcheetah"):
-    """compile_nets swaps in torch.compile(critic_loss) and torch.compile(actor_loss). With the same random numbers
+    """compile_losses swaps in torch.compile(critic_loss) and torch.compile(actor_loss). With the same random numbers
     (same seed) and ragged penalty chunks, the losses and the gradient of every critic and actor parameter equal
     the eager ones. HalfCheetah: its penalty has all three sample sources, policy samples included (the particle
     path is exercised end to end by test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per test)."""
@@ -473,7 +473,7 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="hal
     try:
         for compiled in (False, True):
             if compiled:
-                cfcql.compile_nets(nets)
+                cfcql.compile_losses(nets)
                 assert nets.critic_loss is not None and nets.actor_loss is not None
             torch.manual_seed(3)
             actor_state = {k: v.clone() for k, v in nets.actors.state_dict().items()}
