@@ -100,7 +100,7 @@ class Args:
     bf16: bool = False
     """run the update under bfloat16 autocast (matrix multiplies in bf16; off by default, see README)"""
     compile: bool = False
-    """torch.compile the critic and actor losses (opt-in, as LeanRL; costs 10-60 s of compilation; see README)"""
+    """torch.compile the critic and actor losses (opt-in, as LeanRL; 30-210 s of compilation; see README)"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice)"""
     run_dir: str = "runs"
