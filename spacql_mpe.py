@@ -375,10 +375,11 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 # ======================================================================================================
 
 
-# Activation elements per chunk on CPU in float32 (4 MB per tensor). Measured on the 2-core CPU, SPaCQL cn ms per
-# round: 712 / 569 / 525 / 517 / 608 at 2^17 / 2^18 / 2^19 / 2^20 / unchunked. bfloat16 runs unchunked: its
-# elementwise kernels are bound by the conversions, not by memory, so chunks only added per-call overhead (422 ms
-# unchunked vs 520 at 2^20). The loop over chunks is over states, never over members, agents or k.
+# Activation elements per chunk on CPU (4 MB per tensor in float32). Measured on the 2-core CPU, SPaCQL cn ms per
+# round: 712 / 569 / 525 / 517 / 608 at 2^17 / 2^18 / 2^19 / 2^20 / unchunked (float32, AMD machine). --bf16 is
+# chunked too, with the H -> 1 layer reading the bf16 h2 directly (Intel machine, interleaved A/B against one
+# chunk, 6 pairs each: --bf16 --compile SPaCQL cn 541 -> 449 ms, CFCQL cn 132 -> 122, every pair faster; eager
+# --bf16 within noise). The loop over chunks is over states, never over members, agents or k.
 CPU_CHUNK_ELEMENTS = 2**20
 
 
@@ -404,8 +405,14 @@ def penalty_chunk(a_c, h_state_c, log_density_c, w1a, w2, b2, w3, b3, scale: flo
     h2 = torch.baddbmm(b2, h1, w2).relu_()  # layer 2 [E, c*R, H]
     # The H -> 1 layer as Q^T = w3^T h2^T ([E, 1, c*R]; likewise its weight gradient dQ^T h2): MKL runs these
     # ~4x and ~9x faster than the column forms h2 w3 and h2^T dQ (measured).
+    # Under --bf16 as multiply-and-sum in float32 instead: one pass that reads the bf16 h2, where the row-vector
+    # matmul needs a float32 copy of h2 written first (part of the gain measured at CPU_CHUNK_ELEMENTS; in float32
+    # the multiply-and-sum is slower under --compile: 537 vs 466 ms per SPaCQL cn round).
     h2_32 = h2.float()
-    x = torch.baddbmm(b3, w3.transpose(1, 2), h2_32.transpose(1, 2)).view(e, c, n, m)
+    if h2.dtype == torch.float32:
+        x = torch.baddbmm(b3, w3.transpose(1, 2), h2.transpose(1, 2)).view(e, c, n, m)
+    else:
+        x = ((h2_32 * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, c, n, m)
     x = x - log_density_c  # Q - log p, [E, c, n, M]
     z = torch.logsumexp(x, dim=-1)  # [E, c, n]
     if not need_grad:
@@ -435,8 +442,8 @@ class PenaltyLogSumExp(torch.autograd.Function):
     so each of autograd's ~15 elementwise passes over them runs at memory speed. The sum over states splits
     into chunks of states whose gradients need nothing from other chunks, so every chunk runs its forward AND
     its backward (penalty_chunk) while its activations (a few MB) are in cache. The gradient is therefore formed
-    in forward (whenever an input needs one) and backward only scales it by the incoming gradient. On CUDA and
-    under --bf16: one chunk.
+    in forward (whenever an input needs one) and backward only scales it by the incoming gradient. On CUDA: one
+    chunk.
     Under --bf16 the matmuls run in bfloat16 as autocast would; Q, the softmax and the accumulated gradients
     stay in float32.
     """
@@ -454,8 +461,7 @@ class PenaltyLogSumExp(torch.autograd.Function):
             raise ValueError(f"a_hat has {a_hat.shape[0]} rows, expected B*n*M = {b * r}")
         device = h_state.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-        cpu_fp32 = device == "cpu" and dtype == torch.float32
-        chunk = max(1, CPU_CHUNK_ELEMENTS // (e * r * h_dim)) if cpu_fp32 else b
+        chunk = max(1, CPU_CHUNK_ELEMENTS // (e * r * h_dim)) if device == "cpu" else b
         need_grad = any(ctx.needs_input_grad)
         scale = 1.0 / (b * n)  # the mean over states b and agents i
         w1a_, w2_, b2_, h_state_ = (x.detach().to(dtype) for x in (w1a, w2, b2, h_state))
