@@ -464,11 +464,14 @@ def test_compile_flag_is_a_speed_option_only(tmp_path):
     shutil.which("c++") is None and shutil.which("g++") is None,
     reason="torch.compile's CPU backend needs a C++ compiler",
 )
-def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="halfcheetah"):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, bf16, task="halfcheetah"):
     """compile_losses swaps in torch.compile(critic_loss) and torch.compile(actor_loss). With the same random numbers
     (same seed) and ragged penalty chunks, the losses and the gradient of every critic and actor parameter equal
-    the eager ones. HalfCheetah: its penalty has all three sample sources, policy samples included (the particle
-    path is exercised end to end by test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per test)."""
+    the eager ones (with bf16=True the compiled losses run under bf16 autocast and must equal the eager float32 ones
+    to bf16 rounding: measured at most 0.6% of each gradient's largest entry). HalfCheetah: its penalty has all three
+    sample sources, policy samples included (the particle path is exercised end to end by
+    test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per case)."""
     spec, args, nets, batch = toy_setup(task, num_critics=3, b=10, hidden=16)
     args.num_cql_samples = 4
     rows_per_state = spec.n_agents * args.num_cql_samples * (1 if spec.family == "mpe" else 3)
@@ -484,10 +487,11 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="hal
             actor_state = {k: v.clone() for k, v in nets.actors.state_dict().items()}
             nets.critic.zero_grad()
             nets.actors.zero_grad()
-            c_loss, info = (nets.critic_loss or cfcql.critic_loss)(batch, nets, args)
-            c_loss.backward()
-            a_loss = (nets.actor_loss or cfcql.actor_loss)(batch, nets, args)
-            a_grads = torch.autograd.grad(a_loss, list(nets.actors.parameters()))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and compiled):
+                c_loss, info = (nets.critic_loss or cfcql.critic_loss)(batch, nets, args)
+                c_loss.backward()
+                a_loss = (nets.actor_loss or cfcql.actor_loss)(batch, nets, args)
+                a_grads = torch.autograd.grad(a_loss, list(nets.actors.parameters()))
             nets.actors.load_state_dict(
                 actor_state
             )  # the training-mode forwards moved the BatchNorm averages
@@ -496,9 +500,13 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, task="hal
     finally:
         torch._dynamo.reset()
     (c0, pen0, a0, cg0, ag0), (c1, pen1, a1, cg1, ag1) = results
-    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pen1, pen0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-6)
+    rtol, atol = (2e-2, 2e-2) if bf16 else (1e-5, 1e-6)
+    torch.testing.assert_close(c1, c0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(pen1, pen0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(a1, a0, rtol=rtol, atol=atol)
     for fast, eager in zip(cg1 + list(ag1), cg0 + list(ag0), strict=True):
         assert eager.abs().sum() > 0
-        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
+        if bf16:
+            torch.testing.assert_close(fast, eager, rtol=0.05, atol=0.02 * eager.abs().max().item())
+        else:
+            torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-6)
