@@ -410,7 +410,7 @@ def penalty_chunk(a_c, h_state_c, log_density_c, w1a, w2, b2, w3, b3, scale: flo
     # the multiply-and-sum is slower under --compile: 537 vs 466 ms per SPaCQL cn round).
     h2_32 = h2.float()
     if h2.dtype == torch.float32:
-        x = torch.baddbmm(b3, w3.transpose(1, 2), h2.transpose(1, 2)).view(e, c, n, m)
+        x = torch.baddbmm(b3, w3.transpose(1, 2), h2_32.transpose(1, 2)).view(e, c, n, m)
     else:
         x = ((h2_32 * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, c, n, m)
     x = x - log_density_c  # Q - log p, [E, c, n, M]

@@ -492,9 +492,8 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, bf16, tas
                 c_loss.backward()
                 a_loss = (nets.actor_loss or cfcql.actor_loss)(batch, nets, args)
                 a_grads = torch.autograd.grad(a_loss, list(nets.actors.parameters()))
-            nets.actors.load_state_dict(
-                actor_state
-            )  # the training-mode forwards moved the BatchNorm averages
+            # the training-mode forwards moved the BatchNorm averages
+            nets.actors.load_state_dict(actor_state)
             c_grads = [p.grad.clone() for p in nets.critic.parameters()]
             results.append((c_loss.detach(), info["losses/cql_penalty"], a_loss.detach(), c_grads, a_grads))
     finally:
