@@ -103,7 +103,8 @@ class Args:
     cuda: bool = True
     """use CUDA when available"""
     bf16: bool = False
-    """run the update under bfloat16 autocast (matrix multiplies in bf16; off by default, see README)"""
+    """the conservative penalty's counterfactual passes in bfloat16 (~90% of the FLOPs; Q on the data, the TD
+    targets and the actor step stay float32); off by default, see README"""
     compile: bool = False
     """torch.compile the critic and actor losses (opt-in, as LeanRL; 30-210 s of compilation; see README)"""
     threads: int | None = None
@@ -307,12 +308,11 @@ class EnsembleCritic(nn.Module):
         w2, b2, w3, b3 = (p[members] for p in (self.w2, self.b2, self.w3, self.b3))
         e, h_dim = w1a.shape[0], w1a.shape[2]
         h_action = torch.matmul(a_hat, w1a)  # [E, G*B*R, H]
-        h = h_action.view(e, g, b, r, h_dim) + h_state.to(h_action.dtype).view(e, -1, b, 1, h_dim)
+        h = h_action.view(e, g, b, r, h_dim) + h_state.view(e, -1, b, 1, h_dim)
         h = torch.baddbmm(b2, h.relu_().view(e, -1, h_dim), w2).relu_()  # [E, G*B*R, H]; in-place ReLUs
-        with torch.autocast(h.device.type, enabled=False):  # Q itself in float32 under --bf16: bf16 keeps
-            # ~3 digits, too coarse for TD errors. The H -> 1 layer as multiply-and-sum: on CPU, bmm's
-            # backward through a width-1 matrix is several times slower than the two elementwise passes.
-            return ((h.float() * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, g, b, r)
+        # The H -> 1 layer as multiply-and-sum: on CPU, bmm's backward through a width-1 matrix is several times
+        # slower than the two elementwise passes.
+        return ((h * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, g, b, r)
 
 
 @dataclass
@@ -533,7 +533,9 @@ def cql_penalty(batch: Batch, nets: Nets, q_data: torch.Tensor, args: Args) -> t
         next_data = batch.next_actions[:, None].expand(b, m, n, d)  # at the CURRENT state s (ref B4)
         others = torch.cat([data_actions, data_actions, next_data], dim=1)  # [B, 3M, n, d]
         logp = torch.cat([uniform_logp, gauss_logp(eps_pi), gauss_logp(eps_next)], dim=2)
-    z = counterfactual_logsumexp(nets, batch.states, slot, others, logp)  # sum_j mean_{b,i} Z^j_{b,i}
+    # --bf16: these counterfactual passes (~90% of the FLOPs) in bfloat16; Q on the data and the TD target in float32
+    with torch.autocast(q_data.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        z = counterfactual_logsumexp(nets, batch.states, slot, others, logp)  # sum_j mean_{b,i} Z^j_{b,i}
     return z - q_data.mean(dim=(1, 2, 3)).sum()
 
 
@@ -682,8 +684,7 @@ def main(args: Args) -> dict:
             tqdm.write(
                 f"round {round_}/{args.num_updates}: return {mean_return:.2f}, normalized score {score:.1f}"
             )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
+        pending.append(update_round(data, nets, critic_opt, actor_opt, args, generator))
         if (round_ + 1) % args.log_every == 0:  # one host sync per log window, not per round
             for k in pending[0]:
                 mean = torch.stack([p[k] for p in pending]).float().mean(0)  # scalar, or [n] per-k values
