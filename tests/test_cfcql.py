@@ -469,9 +469,8 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, bf16, tas
     """compile_losses swaps in torch.compile(critic_loss) and torch.compile(actor_loss). With the same random numbers
     (same seed) and ragged penalty chunks, the losses and the gradient of every critic and actor parameter equal
     the eager ones (with bf16=True the compiled losses run with --bf16 and must equal the eager float32 ones to
-    bf16 rounding). HalfCheetah: its penalty has all three
-    sample sources, policy samples included (the particle path is exercised end to end by
-    test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per case)."""
+    bf16 rounding). HalfCheetah: its penalty has all three sample sources, policy samples included (the particle
+    path is exercised end to end by test_compile_flag_is_a_speed_option_only; compiling costs ~45 s per case)."""
     spec, args, nets, batch = toy_setup(task, num_critics=3, b=10, hidden=16)
     args.num_cql_samples = 4
     rows_per_state = spec.n_agents * args.num_cql_samples * (1 if spec.family == "mpe" else 3)
