@@ -255,6 +255,26 @@ class Actors(nn.Module):
         return torch.tanh(torch.baddbmm(self.b3, h, self.w3))
 
 
+class ReluSignBackward(torch.autograd.Function):
+    """ReLU whose backward multiplies the incoming gradient by sign(output), exactly 1 where the output is positive
+    and 0 elsewhere: the same values and gradients as torch.relu. Why: under --compile, autograd's ReLU backward
+    (threshold_backward) led inductor to save a bool mask of the critic's first layer for the backward, and its CPU
+    kernels store bool tensors about 30x slower than a float pass (measured: 4.3 vs 0.15 ms for [10, 1024, 64], about
+    5 ms per SPaCQL critic step). The output is kept for the next layer's weight gradient anyway, so the sign costs
+    no extra memory. Eager speed is unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.relu()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * torch.sign(y)
+
+
 class EnsembleCritic(nn.Module):
     """E centralized critics Q_j(s, a_1..a_n) behind one shared input BatchNorm, batched over members.
 
@@ -309,7 +329,8 @@ class EnsembleCritic(nn.Module):
         e, h_dim = w1a.shape[0], w1a.shape[2]
         h_action = torch.matmul(a_hat, w1a)  # [E, G*B*R, H]
         h = h_action.view(e, g, b, r, h_dim) + h_state.view(e, -1, b, 1, h_dim)
-        h = torch.baddbmm(b2, h.relu_().view(e, -1, h_dim), w2).relu_()  # [E, G*B*R, H]; in-place ReLUs
+        h = ReluSignBackward.apply(h).view(e, -1, h_dim)  # = h.relu(); see ReluSignBackward
+        h = torch.baddbmm(b2, h, w2).relu_()  # [E, G*B*R, H]
         # The H -> 1 layer as multiply-and-sum: on CPU, bmm's backward through a width-1 matrix is several times
         # slower than the two elementwise passes.
         return ((h * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, g, b, r)

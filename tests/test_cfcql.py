@@ -92,8 +92,9 @@ def test_batched_ensemble_equals_loop_over_members(shared_states):
 
 
 def test_batched_ensemble_gradients_equal_loop_over_members():
-    """The folded BatchNorm affine, in-place ReLUs and multiply-and-sum output layer must give the same
-    gradients as plain nn.Linear members, for every parameter and for the actions (the actor loss needs them)."""
+    """The folded BatchNorm affine, ReluSignBackward, the in-place ReLU and the multiply-and-sum output layer must give
+    the same gradients as plain nn.Linear members, for every parameter and for the actions (the actor loss needs
+    them)."""
     torch.manual_seed(1)
     critic = cfcql.EnsembleCritic(state_dim=7, action_dim=4, hidden=8, num_members=3)
     with torch.no_grad():  # a non-trivial affine part, so that folding it into the weights is exercised
@@ -123,6 +124,18 @@ def test_batched_ensemble_gradients_equal_loop_over_members():
         ):
             torch.testing.assert_close(w[j].T, lin.weight.grad, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(bias[j, 0], lin.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_relu_sign_backward_equals_relu_exactly_including_zeros():
+    """Values and gradients bit-identical to torch.relu, also at inputs that are exactly 0 (gradient 0 in both)."""
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30]).repeat(4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(x.shape)
+    y = cfcql.ReluSignBackward.apply(x)
+    y.backward(grad)
+    torch.relu(x_ref).backward(grad)
+    assert torch.equal(y, torch.relu(x_ref)) and torch.equal(x.grad, x_ref.grad)
+    assert (x.grad[x.detach() <= 0] == 0).all() and (x.grad[x.detach() > 0] != 0).all()
 
 
 def plain_penalty_logsumexp(nets, states, slot, others, logp):
