@@ -398,12 +398,14 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
 # ======================================================================================================
 
 
-# Activation elements per chunk on CPU (4 MB per tensor in float32). Measured on the 2-core CPU, SPaCQL cn ms per
-# round: 712 / 569 / 525 / 517 / 608 at 2^17 / 2^18 / 2^19 / 2^20 / unchunked (float32, AMD machine). --bf16 is
-# chunked too, with the H -> 1 layer reading the bf16 h2 directly (Intel machine, interleaved A/B against one
-# chunk, 6 pairs each: --bf16 --compile SPaCQL cn 541 -> 449 ms, CFCQL cn 132 -> 122, every pair faster; eager
-# --bf16 within noise). The loop over chunks is over states, never over members, agents or k.
-CPU_CHUNK_ELEMENTS = 2**20
+# Bytes per activation tensor of one chunk on CPU: 4 MB, i.e. 2^20 float32 or 2^21 bfloat16 elements. Measured on
+# the 2-core CPU, SPaCQL cn ms per round: 712 / 569 / 525 / 517 / 608 at 2^17 / 2^18 / 2^19 / 2^20 float32 elements /
+# unchunked (AMD machine). --bf16 is chunked too, with the H -> 1 layer reading the bf16 h2 directly (Intel machine,
+# interleaved A/B against one chunk, 6 pairs each: --bf16 --compile SPaCQL cn 541 -> 449 ms, CFCQL cn 132 -> 122,
+# every pair faster; eager --bf16 within noise). Its chunks hold the same bytes, twice the elements: the bf16
+# penalty of one SPaCQL cn critic step alone 38.2 -> 35.1 ms compiled and 67.2 -> 59.9 eager against 2^20 elements
+# (Intel machine, 15 interleaved repeats). The loop over chunks is over states, never over members, agents or k.
+CPU_CHUNK_BYTES = 2**22
 
 
 def relu_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -436,7 +438,7 @@ def penalty_chunk(a_c, h_state_c, log_density_c, w1a, w2, b2, w3, b3, scale: flo
     # The H -> 1 layer as Q^T = w3^T h2^T ([E, 1, c*R]; likewise its weight gradient dQ^T h2): MKL runs these
     # ~4x and ~9x faster than the column forms h2 w3 and h2^T dQ (measured).
     # Under --bf16 as multiply-and-sum in float32 instead: one pass that reads the bf16 h2, where the row-vector
-    # matmul needs a float32 copy of h2 written first (part of the gain measured at CPU_CHUNK_ELEMENTS; in float32
+    # matmul needs a float32 copy of h2 written first (part of the gain measured at 2^20 elements per chunk; in float32
     # the multiply-and-sum is slower under --compile: 537 vs 466 ms per SPaCQL cn round).
     h2_32 = h2.float()
     if h2.dtype == torch.float32:
@@ -491,7 +493,7 @@ class PenaltyLogSumExp(torch.autograd.Function):
             raise ValueError(f"a_hat has {a_hat.shape[0]} rows, expected B*n*M = {b * r}")
         device = h_state.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-        chunk = max(1, CPU_CHUNK_ELEMENTS // (e * r * h_dim)) if device == "cpu" else b
+        chunk = max(1, CPU_CHUNK_BYTES // (dtype.itemsize * e * r * h_dim)) if device == "cpu" else b
         need_grad = any(ctx.needs_input_grad)
         scale = 1.0 / (b * n)  # the mean over states b and agents i
         w1a_, w2_, b2_, h_state_ = (x.detach().to(dtype) for x in (w1a, w2, b2, h_state))

@@ -159,12 +159,12 @@ def penalty_inputs(nets, b, n, m, d, seed=0):
     return slot, others, logp
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 700, 2**18])  # one state per chunk, ragged chunks, one chunk
-def test_chunked_penalty_equals_plain_autograd_values_and_gradients(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("chunk_bytes", [1, 2800, 2**20])  # one state per chunk, ragged chunks, one chunk
+def test_chunked_penalty_equals_plain_autograd_values_and_gradients(monkeypatch, chunk_bytes):
     spec, args, nets, batch = toy_setup("cn", num_critics=3, b=7, hidden=8)
     n, d, m = spec.n_agents, spec.act_dim, 4
     slot, others, logp = penalty_inputs(nets, 7, n, m, d)
-    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_BYTES", chunk_bytes)
     params = list(nets.critic.parameters())
     fast = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
     (3.0 * fast).backward()  # a non-unit incoming gradient: backward must scale by it
@@ -184,7 +184,7 @@ def test_cql_penalty_gradients_equal_plain_autograd_at_training_shapes(monkeypat
     at the training widths and a 10-member ensemble, chunked path against the plain autograd path."""
     spec, args, nets, batch = toy_setup(task, num_critics=10, b=96, hidden=64 if task == "cn" else 256)
     args.num_cql_samples = 10
-    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", 2**18)  # several chunks at these shapes
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_BYTES", 2**20)  # several chunks at these shapes
     grads = {}
     for name in ("chunked", "plain"):
         if name == "plain":
@@ -203,8 +203,8 @@ def test_cql_penalty_gradients_equal_plain_autograd_at_training_shapes(monkeypat
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_elements", [3000, 2**20])  # ragged chunks, one chunk
-def test_chunked_penalty_bf16_is_close_to_float32(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("chunk_bytes", [6000, 2**21])  # ragged chunks, one chunk (of bf16 activations)
+def test_chunked_penalty_bf16_is_close_to_float32(monkeypatch, chunk_bytes):
     spec, args, nets, batch = toy_setup("halfcheetah", num_critics=2, b=16, hidden=32)
     slot, others, logp = penalty_inputs(nets, 16, spec.n_agents, 5, spec.act_dim)
     with torch.no_grad():
@@ -214,7 +214,7 @@ def test_chunked_penalty_bf16_is_close_to_float32(monkeypatch, chunk_elements):
     exact.backward()
     exact_grads = [p.grad.clone() for p in params]
     nets.critic.zero_grad()
-    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_BYTES", chunk_bytes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
     low.backward()
@@ -487,8 +487,8 @@ def test_compiled_losses_equal_eager_values_and_gradients(monkeypatch, bf16, tas
     spec, args, nets, batch = toy_setup(task, num_critics=3, b=10, hidden=16)
     args.num_cql_samples = 4
     rows_per_state = spec.n_agents * args.num_cql_samples * (1 if spec.family == "mpe" else 3)
-    chunk_elements = 6 * 3 * rows_per_state * 16  # E * rows * H per state: chunks of 6 and 4 states
-    monkeypatch.setattr(cfcql, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    bytes_per_state = 3 * rows_per_state * 16 * (2 if bf16 else 4)  # E * rows * H * element size
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_BYTES", 6 * bytes_per_state)  # compiled: chunks of 6 and 4 states
     results = []
     try:
         for compiled in (False, True):
