@@ -13,7 +13,9 @@ then one machine-readable line
 Measure on an otherwise idle machine: a second busy process on a 2-core CPU distorts the figures several-fold.
 The variants of one algorithm and task (fp32/bf16, eager/compiled) are timed interleaved, repeat by repeat, so that
 the machine's drift does not favour one of them; the first line printed names the machine (MACHINE ...).
-A --compile case adds ` compile=1` to its RESULT line.
+A --compile case adds ` compile=1` to its RESULT line. On CPU a PROBE line per algorithm and task gives the
+rate of a fixed matmul and copy timed between the cases: compare runs from different minutes only together
+with it.
 """
 
 from __future__ import annotations
@@ -110,11 +112,34 @@ def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) ->
     }
 
 
-def measure(cases: list[dict], rounds: int, repeats: int) -> None:
+class MachineProbe:
+    """A fixed CPU workload timed once per repeat, between the cases: an fp32 matmul ([1024, 1024] @ [1024, 1024],
+    GFLOP/s) and a 64 MB copy (GB/s, read + write). Its medians, printed beside the cases (PROBE line), tell a slow
+    minute of a drifting virtual machine apart from a slower change in the code when runs are compared."""
+
+    def __init__(self):
+        self.a, self.b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        self.src, self.dst = torch.randn(2**24), torch.empty(2**24)
+        self.gflops, self.gbs = [], []
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(self.a, self.b)
+        self.gflops.append(4 * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            self.dst.copy_(self.src)
+        self.gbs.append(4 * 2 * self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+
+
+def measure(cases: list[dict], rounds: int, repeats: int, probe: MachineProbe | None = None) -> None:
     """Times every case's rounds, the cases interleaved repeat by repeat: a virtual machine's speed drifts by
     10-20% over minutes, and interleaving spreads the drift over all variants instead of favouring one."""
     times = [[] for _ in cases]
     for _ in range(repeats):
+        if probe is not None:
+            probe.run()
         for case, ts in zip(cases, times, strict=True):
             if case["device"] == "cuda":
                 torch.cuda.synchronize()
@@ -156,7 +181,14 @@ def main() -> None:
                     [False, True] if a.bf16 else [False], [False, True] if a.compile else [False]
                 )
             ]
-            measure(cases, a.rounds, a.repeats)
+            probe = MachineProbe() if device.type == "cpu" else None
+            measure(cases, a.rounds, a.repeats, probe)
+            if probe is not None:
+                print(
+                    f"PROBE {algo} {task}: matmul_fp32_gflops={statistics.median(probe.gflops):.1f} "
+                    f"copy_gbs={statistics.median(probe.gbs):.1f} (medians over the repeats, timed between the cases)",
+                    flush=True,
+                )
             for r in cases:
                 print(
                     f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if r['compiled'] else ''} "
