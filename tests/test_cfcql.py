@@ -225,6 +225,32 @@ def test_chunked_penalty_bf16_is_close_to_float32(monkeypatch, chunk_bytes):
         torch.testing.assert_close(p.grad, g, rtol=0.1, atol=0.05 * g.abs().max().item())
 
 
+def test_penalty_chunks_are_sized_in_bytes(monkeypatch):
+    """CPU_CHUNK_BYTES bounds the bytes of one chunk's activation tensor: the same budget holds twice as many states
+    in bfloat16 as in float32."""
+    spec, args, nets, batch = toy_setup("cn", num_critics=2, b=16, hidden=8)
+    m = 3
+    slot, others, logp = penalty_inputs(nets, 16, spec.n_agents, m, spec.act_dim)
+    rows_per_state = spec.n_agents * m
+    monkeypatch.setattr(
+        cfcql, "CPU_CHUNK_BYTES", 2 * rows_per_state * 8 * 4 * 4
+    )  # 4 float32 states per chunk
+    states_per_call = []
+    real_chunk = cfcql.penalty_chunk
+
+    def counting_chunk(a_c, h_state_c, *rest):
+        states_per_call.append(h_state_c.shape[1])
+        return real_chunk(a_c, h_state_c, *rest)
+
+    monkeypatch.setattr(cfcql, "penalty_chunk", counting_chunk)
+    cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+    assert states_per_call == [4, 4, 4, 4]
+    states_per_call.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cfcql.counterfactual_logsumexp(nets, batch.states, slot, others, logp)
+    assert states_per_call == [8, 8]
+
+
 def test_chunked_penalty_rejects_inputs_it_cannot_differentiate_or_shapes_that_disagree():
     spec, args, nets, batch = toy_setup("cn", num_critics=2, b=4, hidden=8)
     slot, others, logp = penalty_inputs(nets, 4, spec.n_agents, 3, spec.act_dim)
