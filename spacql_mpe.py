@@ -427,23 +427,22 @@ def penalty_chunk(a_c, h_state_c, log_density_c, w1a, w2, b2, w3, b3, scale: flo
     a_c = a_c.to(w1a.dtype)
     h1 = torch.matmul(a_c, w1a).view(e, c, r, h_dim).add_(h_state_c[:, :, None]).relu_()
     h1 = h1.view(e, c * r, h_dim)  # layer 1 [E, c*R, H]
-    # Layer 2. In float32 its bias is added in the ReLU's pass (baddbmm first copies the broadcast bias into its
-    # output; in-process A/B under --compile, with the same change in EnsembleCritic.forward: CFCQL cn 114.4 -> 107.0,
-    # SPaCQL cn 378.5 -> 368.5 ms per round; eager unchanged). Under --bf16 baddbmm stays: inductor then fused the
-    # chunk's elementwise work into slower kernels (SPaCQL cn 275.8 -> 296.4 ms, all 12 pairs slower).
+    # Layer 2 and the H -> 1 layer take different forms in float32 and under --bf16 (all measured, ms per round):
+    # - float32: layer 2's bias is added in the ReLU's pass, since baddbmm first copies the broadcast bias into its
+    #   output (A/B under --compile, with the same change in EnsembleCritic.forward: CFCQL cn 114.4 -> 107.0, SPaCQL
+    #   cn 378.5 -> 368.5; eager unchanged). The H -> 1 layer as Q^T = w3^T h2^T ([E, 1, c*R]; likewise its weight
+    #   gradient dQ^T h2): MKL runs these ~4x and ~9x faster than the column forms h2 w3 and h2^T dQ, and the
+    #   multiply-and-sum is slower here under --compile (537 vs 466 per SPaCQL cn round).
+    # - bf16: baddbmm for layer 2 (with the bias in the ReLU's pass inductor fused the chunk's elementwise work into
+    #   slower kernels: SPaCQL cn 275.8 -> 296.4, all 12 pairs slower). The H -> 1 layer as multiply-and-sum in
+    #   float32: one pass that reads the bf16 h2, where the row-vector matmul needs a float32 copy of h2 written first
+    #   (part of the gain measured at 2^20 elements per chunk).
     if w2.dtype == torch.float32:
-        h2 = torch.bmm(h1, w2).add_(b2).relu_()  # [E, c*R, H]
+        h2 = h2_32 = torch.bmm(h1, w2).add_(b2).relu_()  # layer 2 [E, c*R, H]
+        x = torch.baddbmm(b3, w3.transpose(1, 2), h2.transpose(1, 2)).view(e, c, n, m)  # Q [E, c, n, M]
     else:
         h2 = torch.baddbmm(b2, h1, w2).relu_()
-    # The H -> 1 layer as Q^T = w3^T h2^T ([E, 1, c*R]; likewise its weight gradient dQ^T h2): MKL runs these
-    # ~4x and ~9x faster than the column forms h2 w3 and h2^T dQ (measured).
-    # Under --bf16 as multiply-and-sum in float32 instead: one pass that reads the bf16 h2, where the row-vector
-    # matmul needs a float32 copy of h2 written first (part of the gain measured at 2^20 elements per chunk; in float32
-    # the multiply-and-sum is slower under --compile: 537 vs 466 ms per SPaCQL cn round).
-    h2_32 = h2.float()
-    if h2.dtype == torch.float32:
-        x = torch.baddbmm(b3, w3.transpose(1, 2), h2_32.transpose(1, 2)).view(e, c, n, m)
-    else:
+        h2_32 = h2.float()
         x = ((h2_32 * w3.transpose(1, 2)).sum(-1) + b3.view(e, 1)).view(e, c, n, m)
     x = x - log_density_c  # Q - log p, [E, c, n, M]
     z = torch.logsumexp(x, dim=-1)  # [E, c, n]
