@@ -232,9 +232,8 @@ def test_penalty_chunks_are_sized_in_bytes(monkeypatch):
     m = 3
     slot, others, logp = penalty_inputs(nets, 16, spec.n_agents, m, spec.act_dim)
     rows_per_state = spec.n_agents * m
-    monkeypatch.setattr(
-        cfcql, "CPU_CHUNK_BYTES", 2 * rows_per_state * 8 * 4 * 4
-    )  # 4 float32 states per chunk
+    float32_bytes_per_state = 2 * rows_per_state * 8 * 4  # E * rows * H * 4 bytes
+    monkeypatch.setattr(cfcql, "CPU_CHUNK_BYTES", 4 * float32_bytes_per_state)  # 4 float32 states per chunk
     states_per_call = []
     real_chunk = cfcql.penalty_chunk
 
