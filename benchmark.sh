@@ -1,23 +1,10 @@
 #!/usr/bin/env bash
-# Speed benchmarks (not tests): environment throughput, evaluation latency, dataset build time, and the
-# milliseconds per update round of every algorithm, and the attainable matmul rates at the critic's shapes
-# (the ceiling of the round time). Each prints human-readable lines and `RESULT ...` lines.
-# Run on an otherwise idle machine: other processes on the same cores distort the figures.
-#   bash benchmark.sh            # everything
-#   bash benchmark.sh envs       # environments only
-#   bash benchmark.sh algos      # algorithms and matmul rates (extra arguments go to benchmarks/bench_algos.py)
-#   bash benchmark.sh matmul     # matmul rates only
+# The paper's experiment grids (CleanRL convention): a thin wrapper around scripts/benchmark.py.
+#   bash benchmark.sh smoke --jobs 1              # tiny runs, for tests
+#   bash benchmark.sh table2-mpe --dry-run        # what is missing and its estimated CPU time
+#   bash benchmark.sh table1 --jobs 2             # run locally, 2 runs at a time
+#   bash benchmark.sh table2-halfcheetah --slurm --extra="--compile"  # a Slurm job array
+# Speed benchmarks (ms per round, env throughput) moved to benchmarks/speed.sh.
 set -euo pipefail
-cd "$(dirname "$0")"
-what="${1:-all}"
-shift || true
-if [[ "$what" == all || "$what" == envs ]]; then
-  python benchmarks/bench_mpe.py
-  python benchmarks/bench_mamujoco.py
-fi
-if [[ "$what" == all || "$what" == algos ]]; then
-  python benchmarks/bench_algos.py --bf16 "$@"
-fi
-if [[ "$what" == all || "$what" == algos || "$what" == matmul ]]; then
-  python benchmarks/bench_matmul.py
-fi
+# paths (--data-dir, --results-dir, ...) are relative to the current directory
+exec python "$(dirname "$0")/scripts/benchmark.py" "$@"

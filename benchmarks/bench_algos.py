@@ -9,6 +9,7 @@ then one machine-readable line
     python benchmarks/bench_algos.py                      # every algorithm on cn, world, halfcheetah; 2 threads
     python benchmarks/bench_algos.py --algos spacql_mpe --tasks cn world --rounds 20 --repeats 5
     python benchmarks/bench_algos.py --algos cfcql --tasks cn --bf16 --compile   # also bf16 and torch.compile
+    git worktree add /tmp/base 4fead26 && python benchmarks/bench_algos.py --baseline /tmp/base   # A/B, interleaved
 
 Measure on an otherwise idle machine: a second busy process on a 2-core CPU distorts the figures several-fold.
 The variants of one algorithm and task (fp32/bf16, eager/compiled) are timed interleaved, repeat by repeat, so that
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import itertools
 import statistics
 import sys
@@ -73,13 +75,30 @@ class Data(SimpleNamespace):
         return self.obs.shape[0]
 
 
-def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) -> dict:
+def load_algorithm(algo: str, folder: str | None):
+    """The algorithm file `algo` of this checkout, or of another version's checkout `folder` (--baseline; it runs
+    against this checkout's common/, whose interfaces it must share)."""
+    if folder is None:
+        return importlib.import_module(algo)
+    spec = importlib.util.spec_from_file_location(f"baseline_{algo}", Path(folder) / f"{algo}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prepare(
+    algo: str, task: str, device, bf16: bool, compile_: bool = False, baseline: str | None = None
+) -> dict:
     """Networks, optimizers and synthetic data of one case; returns its one_round() and its FLOPs per round."""
-    module = importlib.import_module(algo)
+    module = load_algorithm(algo, baseline)
     spec = get_task(task)
-    args = module.resolve_args(
-        module.Args(task=task, dataset="random", cuda=device.type == "cuda", bf16=bf16)
-    )
+    args = module.Args(task=task, dataset="random", cuda=device.type == "cuda", bf16=bf16)
+    if hasattr(module, "resolve_args"):  # the baseline's own option resolution
+        args = module.resolve_args(args)
+    else:
+        from common import runs
+
+        args = runs.resolve_args(args, module.TASK_FAMILIES)
     torch.manual_seed(0)
     nets = module.make_nets(spec, args, device)
     copt = torch.optim.Adam(nets.critic.parameters(), lr=args.lr)
@@ -94,13 +113,18 @@ def prepare(algo: str, task: str, device, bf16: bool, compile_: bool = False) ->
         one_round()
     # --compile only now: a torch.compile'd function first called under a mode like the FLOP counter runs eagerly,
     # and keeps doing so (measured: no graph is ever captured afterwards)
-    if compile_:
-        module.compile_losses(nets)  # as the training scripts' --compile
+    if compile_:  # as the training scripts' --compile (make_nets with args.compile)
+        args.compile = True
+        compiled = module.make_nets(spec, args, device) if not hasattr(module, "compile_losses") else None
+        if compiled is None:
+            module.compile_losses(nets)
+        else:
+            nets.critic_loss, nets.actor_loss = compiled.critic_loss, compiled.actor_loss
     for _ in range(3):  # warm-up (and compilation)
         one_round()
     return {
         "one_round": one_round,
-        "algo": algo,
+        "algo": algo + (" (baseline)" if baseline else ""),
         "task": task,
         "device": device.type,
         "dtype": "bf16" if bf16 else "fp32",
@@ -165,6 +189,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="also measure --bf16 (the penalty in bf16)")
     p.add_argument("--compile", action="store_true", help="also measure --compile (torch.compile)")
+    p.add_argument(
+        "--baseline", help="checkout of another version: its cases are timed interleaved with these"
+    )
+    p.add_argument("--baseline-compile", action="store_true", help="also the baseline's --compile cases")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     keep_freed_memory()
@@ -175,12 +203,18 @@ def main() -> None:
             family = FAMILY_OF[algo]
             if family is not None and get_task(task).family != family:
                 continue
-            cases = [
-                prepare(algo, task, device, bf16, compile_)
-                for bf16, compile_ in itertools.product(
+            variants = list(
+                itertools.product(
                     [False, True] if a.bf16 else [False], [False, True] if a.compile else [False]
                 )
-            ]
+            )
+            cases = [prepare(algo, task, device, bf16, compile_) for bf16, compile_ in variants]
+            if a.baseline:
+                cases += [
+                    prepare(algo, task, device, bf16, compile_, a.baseline)
+                    for bf16, compile_ in variants
+                    if a.baseline_compile or not compile_
+                ]
             probe = MachineProbe() if device.type == "cpu" else None
             measure(cases, a.rounds, a.repeats, probe)
             if probe is not None:
@@ -191,14 +225,14 @@ def main() -> None:
                 )
             for r in cases:
                 print(
-                    f"{algo:16s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if r['compiled'] else ''} "
+                    f"{r['algo']:27s} {task:12s} E={r['E']:2d} {r['device']} {r['dtype']}{' compiled' if r['compiled'] else ''} "
                     f"threads={r['threads']}: "
                     f"{r['ms']:8.1f} ms/round (min {r['min']:.1f}, max {r['max']:.1f}), {r['gflop']:6.2f} GFLOP/round, "
                     f"{r['gflops']:6.1f} GFLOP/s, full run ({r['num_updates']} rounds) {r['full_run_min']:.1f} min",
                     flush=True,
                 )
                 print(
-                    f"RESULT algo={algo} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}"
+                    f"RESULT algo={r['algo'].replace(' (baseline)', '_baseline')} task={task} device={r['device']} dtype={r['dtype']} ms_per_round={r['ms']:.2f}"
                     + (" compile=1" if r["compiled"] else ""),
                     flush=True,
                 )

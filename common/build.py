@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from common.dataset import DatasetError, dataset_path, locked, read_metadata, write_dataset
 from common.envs import make_vec_env
+from common.runs import UserError, cli
 from common.tasks import DATASET_TYPES, TASKS, TaskSpec, check_dataset_type, get_task
 
 BEHAVIOUR_DIR = Path(__file__).resolve().parent / "behaviour"
@@ -73,6 +74,10 @@ EPISODES = {"mpe": 40_000, "mamujoco": 1_000}
 # one after the other, so E only has to be large enough to amortise the batched policy forward.
 BATCH_EPISODES = {"mpe": 1_000, "mamujoco": 50}
 SEED_TAG = 20240601  # separates the builder's seed streams from matd3_online.py's
+
+
+class MissingBehaviourError(UserError, FileNotFoundError):
+    """The behaviour policy file that a dataset is built from is not there."""
 
 
 # ============================================================================================================
@@ -153,7 +158,7 @@ def load_behaviour(task: str, dataset: str, noise_std: float | None = None):
 
     policies: list of UniformPolicy / ActorPolicy; episode_policy: int array, the policy index of every episode in
     dataset order; info: json-able description for the file's attributes. `noise_std` overrides the shipped noise.
-    A missing behaviour file raises FileNotFoundError naming it.
+    A missing behaviour file raises MissingBehaviourError (a FileNotFoundError and a UserError) naming it.
     """
     spec = get_task(task)
     dataset = check_dataset_type(dataset)
@@ -163,7 +168,7 @@ def load_behaviour(task: str, dataset: str, noise_std: float | None = None):
 
     path = behaviour_file(spec.name, dataset)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingBehaviourError(
             f"behaviour policy file {path} is missing: the {spec.name} {dataset} dataset cannot be built "
             f"without it (train it with matd3_online.py and export it with scripts/export_behaviour.py, or "
             f"build the 'random' dataset, which needs no policy)"
@@ -323,16 +328,19 @@ def build_dataset(task: str, dataset: str, seed: int, path, progress: bool = Tru
 def ensure_dataset(task: str, dataset: str, seed: int, data_dir="data", progress: bool = True) -> Path:
     """Path of dataset (task, dataset, seed) under `data_dir`, building it first if it does not exist.
 
-    The check and the build run under the dataset's lock, so concurrent callers build it once. An existing file
-    that this generator built from a different behaviour file than the one shipped now (a stale dataset) is an
-    error, not a silent mismatch; files from elsewhere (e.g. imported OMAR data) are used as they are.
+    An existing file is used without taking the lock (writes are atomic, so a file that exists is complete),
+    which lets a read-only folder of finished datasets work. A missing one is built under the dataset's lock,
+    after checking again, so concurrent callers build it once. An existing file that this generator built from a
+    different behaviour file than the one shipped now (a stale dataset) is an error, not a silent mismatch;
+    files from elsewhere (e.g. imported OMAR data) are used as they are.
     """
     path = dataset_path(data_dir, task, dataset, seed)
-    with locked(path):
-        if not path.is_file():
-            build_dataset(task, dataset, seed, path, progress=progress)
-        else:
-            _check_not_stale(path, task, dataset, seed)
+    if not path.is_file():
+        with locked(path):
+            if not path.is_file():
+                build_dataset(task, dataset, seed, path, progress=progress)
+                return path
+    _check_not_stale(path, task, dataset, seed)
     return path
 
 
@@ -379,7 +387,10 @@ def main(args: BuildArgs) -> int:
         print("give --task and --dataset, or --all", file=sys.stderr)
         return 2
     else:
-        jobs = [(get_task(args.task).name, check_dataset_type(args.dataset))]
+        try:
+            jobs = [(get_task(args.task).name, check_dataset_type(args.dataset))]
+        except ValueError as e:
+            raise UserError(str(e)) from None
     missing = []
     for task, dataset in jobs:
         if dataset != "random" and not behaviour_file(task, dataset).is_file() and args.all:
@@ -399,6 +410,4 @@ def main(args: BuildArgs) -> int:
 
 
 if __name__ == "__main__":
-    import tyro
-
-    sys.exit(main(tyro.cli(BuildArgs)))
+    sys.exit(cli(main, BuildArgs))

@@ -18,9 +18,11 @@ cfcql-reference.md Sec. 5.2) and record `next_actions_convention` in their attri
 
 Writing is atomic (temporary file in the same directory, fsync, `os.replace`) and serialised by an exclusive
 `fcntl.flock` on `<path>.lock`; `locked(path)` exposes that lock so a builder can "check exists, else build and
-write" without two processes building the same file. Arrays are stored uncompressed and contiguous: on a
-1M-transition Cooperative Navigation file lzf saved ~15% of the disk space but made writing ~8x and reading
-~1.5x slower (gzip-1: ~25x / ~2.3x).
+write" without two processes building the same file. Reading takes no lock (a folder of finished datasets may be
+read-only). Temporary files of a writer killed with -9 are removed by the next write of the same dataset.
+
+Arrays are stored uncompressed and contiguous: on a 1M-transition Cooperative Navigation file lzf saved ~15% of
+the disk space but made writing ~8x and reading ~1.5x slower (gzip-1: ~25x / ~2.3x).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import threading
 import uuid
 import zlib
@@ -43,6 +46,7 @@ import h5py
 import numpy as np
 import torch
 
+from common.runs import UserError
 from common.tasks import TASKS, TaskSpec, check_dataset_type, get_task
 
 FORMAT_VERSION = 1
@@ -70,8 +74,9 @@ RESERVED_ATTRS = tuple(
 )
 
 
-class DatasetError(ValueError):
-    """A dataset file (or the arrays about to be written to one) is malformed; the message names the file."""
+class DatasetError(UserError, ValueError):
+    """A dataset file (or the arrays about to be written to one) is missing or malformed; the message names the
+    file. A UserError, so that the algorithm files' CLI reports it as one line."""
 
 
 @dataclass
@@ -232,8 +237,15 @@ def locked(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             held[path] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a+") as lock_file:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(f"{path}.lock", "a+")  # closed by the `with` below
+    except OSError as e:
+        raise DatasetError(
+            f"{path}: cannot create the lock file {path}.lock ({e.strerror or e}): building or writing a "
+            f"dataset needs a writable folder"
+        ) from e
+    with lock_file:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # blocks until the other holder leaves
         held[path] = 1
         try:
@@ -241,6 +253,24 @@ def locked(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             held[path] = 0
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes of `path` left behind; call it holding `locked(path)`.
+
+    The rule is "all of them": every writer of `path` (write_dataset) creates and removes its temporary file only
+    while it holds the lock, so while we hold it any such file is an orphan. A PID-liveness check would be
+    weaker: PIDs are reused, and on a shared filesystem the writer may have run on another machine.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"\d+\.[0-9a-f]{8}\.tmp")
+    removed = []
+    for p in path.parent.iterdir():
+        if pattern.fullmatch(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def package_versions() -> dict[str, str]:
@@ -350,8 +380,9 @@ def write_dataset(
         attrs[key] = _attr_value(key, value)
 
     with locked(path):
-        # same directory, so os.replace is an atomic rename; a unique name (not mkstemp, whose 0600 mode the
-        # final file would inherit) in case a writer that ignores the lock is at work
+        remove_stale_temp_files(path)
+        # same directory, so os.replace is an atomic rename; not mkstemp, whose 0600 mode the final file would
+        # inherit; the PID and random part keep the name unique
         tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with h5py.File(tmp, "w-") as f:

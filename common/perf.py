@@ -33,11 +33,14 @@ def machine_description() -> str:
     """CPU model, logical CPU count and torch build: speed figures are only comparable on the same machine type."""
     import torch
 
-    model = platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform's guess where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{model}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__}"
+        return platform.processor() or platform.machine()

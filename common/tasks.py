@@ -21,13 +21,17 @@ class TaskSpec:
     act_dim: int  # per-agent action, always in [-1, 1]
     state_dim: int  # critic's state: concat of learner obs (MPE) or MuJoCo's 17-d state
     episode_length: int  # fixed; episodes never terminate early
+    # sources of the conservative penalty's counterfactual samples (CFCQL reference 3.2 / 3.3)
+    penalty_sources: tuple[str, ...] = ("uniform",)
 
 
 TASKS: dict[str, TaskSpec] = {
     "cn": TaskSpec("cn", "mpe", "simple_spread", 3, 18, 2, 54, 25),
     "pp": TaskSpec("pp", "mpe", "simple_tag", 3, 16, 2, 48, 25),
     "world": TaskSpec("world", "mpe", "simple_world", 3, 24, 2, 72, 25),
-    "halfcheetah": TaskSpec("halfcheetah", "mamujoco", "HalfCheetah-v2", 2, 6, 3, 17, 1000),
+    "halfcheetah": TaskSpec(
+        "halfcheetah", "mamujoco", "HalfCheetah-v2", 2, 6, 3, 17, 1000, ("uniform", "policy", "next_policy")
+    ),
 }
 
 # Accepted spellings -> canonical name.
@@ -105,3 +109,16 @@ REFERENCE_HPARAMS: dict[str, ReferenceHparams] = {
         {"random": 0.1, "medium-replay": 0.4, "medium": 1.0, "expert": 1.7},
     ),
 }
+
+
+def default_hint(name: str, families: tuple[str, ...]) -> str:
+    """The `--help` text of a per-task default, e.g. "(default per task: cn 0.01, pp 0.001, world 0.001)"."""
+    parts = []
+    for task, hp in REFERENCE_HPARAMS.items():
+        if TASKS[task].family in families:
+            value = getattr(hp, name)
+            if isinstance(value, dict):  # per dataset type
+                value = "/".join(f"{v:g}" for v in value.values())
+            parts.append(f"{task} {value:g}" if not isinstance(value, str) else f"{task} {value}")
+    by_type = " for random/medium-replay/medium/expert" if name == "alpha" else ""
+    return f"(default per task{by_type}: {', '.join(parts)})"

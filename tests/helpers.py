@@ -66,18 +66,14 @@ def write_tiny_dataset(data_dir, task: str, dataset: str = "random", seed: int =
 
 def tiny_args(module, tmp_path, task: str, **kw):
     """Arguments of `module` (an algorithm file) for a run of a few rounds on a dataset from write_tiny_dataset."""
+    defaults = dict(
+        batch_size=16, hidden=16, num_updates=3, eval_every=2, num_eval_episodes=2, log_every=1, cuda=False
+    )
     return module.Args(
         task=task,
         dataset="random",
         seed=kw.pop("seed", 0),
         data_dir=str(tmp_path / "data"),
         run_dir=str(tmp_path / "runs"),
-        batch_size=16,
-        hidden=16,
-        num_updates=3,
-        eval_every=2,
-        num_eval_episodes=2,
-        log_every=1,
-        cuda=False,
-        **kw,
+        **(defaults | kw),
     )

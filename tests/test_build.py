@@ -7,6 +7,7 @@ directory, so the tests do not depend on the shipped policies and run in a few s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ import pytest
 import torch
 
 import common.build as build
+import common.dataset
 from common.dataset import DatasetError, load_dataset
+from common.runs import UserError
 from common.tasks import get_task
 from matd3_online import Actors
+from tests.helpers import write_tiny_dataset
 
 MPE_EPISODES, HC_EPISODES = 7, 2
 
@@ -144,8 +148,9 @@ def test_seeds_give_independent_copies_and_builds_are_reproducible(small, tmp_pa
 
 def test_missing_policy_raises_a_clear_error(small):
     _, data_dir = small
-    with pytest.raises(FileNotFoundError, match="cn_medium_replay.npz"):
+    with pytest.raises(FileNotFoundError, match="cn_medium_replay.npz") as e:
         build.ensure_dataset("cn", "medium-replay", 0, data_dir, progress=False)
+    assert isinstance(e.value, UserError)  # the algorithm files' CLI prints it as one line
     with pytest.raises(FileNotFoundError, match="halfcheetah_expert.npz"):
         build.ensure_dataset("halfcheetah", "expert", 0, data_dir, progress=False)
     assert not list(data_dir.rglob("*.h5"))  # nothing half-written
@@ -217,3 +222,36 @@ def test_stale_dataset_is_an_error_not_a_silent_mismatch(small):
     build.main(build.BuildArgs(task="cn", dataset="medium", data_dir=str(data_dir), force=True))
     rebuilt = load_dataset(build.ensure_dataset("cn", "medium", 0, data_dir, progress=False))
     assert rebuilt.meta["exploration_noise"] == 0.2
+
+
+def test_existing_dataset_is_read_without_the_lock_in_a_read_only_folder(tmp_path, monkeypatch):
+    path = write_tiny_dataset(tmp_path / "data", "cn", episodes=2)
+    Path(f"{path}.lock").unlink()  # left by the write
+    folder = path.parent
+
+    def no_lock(p):
+        raise AssertionError(f"took the lock of {p} to read an existing dataset")
+
+    # as root chmod does not stop writes: make taking the lock fail instead
+    if os.geteuid() == 0:
+        monkeypatch.setattr(build, "locked", no_lock)
+        monkeypatch.setattr(common.dataset, "locked", no_lock)
+    folder.chmod(0o555)
+    try:
+        assert build.ensure_dataset("cn", "random", 0, tmp_path / "data", progress=False) == path
+        assert len(load_dataset(path, "cn", "random")) == 50
+    finally:
+        folder.chmod(0o755)
+    assert sorted(p.name for p in folder.iterdir()) == ["seed_0.h5"]  # no lock file was created
+
+
+def test_build_removes_stale_temp_files(small):
+    _, data_dir = small
+    folder = data_dir / "cn" / "random"
+    folder.mkdir(parents=True)
+    (folder / ".seed_0.h5.999999.0123abcd.tmp").write_bytes(b"half an HDF5 file")  # left by a kill -9
+    (folder / ".seed_1.h5.999999.0123abcd.tmp").write_bytes(b"another dataset's")
+    path = build.ensure_dataset("cn", "random", 0, data_dir, progress=False)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [".seed_1.h5.999999.0123abcd.tmp", "seed_0.h5", "seed_0.h5.lock"]
+    check_structure(load_dataset(path), "cn", MPE_EPISODES)

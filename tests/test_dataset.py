@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 import h5py
@@ -22,6 +23,7 @@ from common.dataset import (
     normalized_score,
     write_dataset,
 )
+from common.runs import UserError
 from common.tasks import get_task
 
 
@@ -352,6 +354,45 @@ def test_locked_builds_once(tmp_path):
     built = log.read_text().split()
     assert len(built) == 1
     assert load_dataset(path).meta["writer"] == int(built[0])
+
+
+def _killed_writer(path: str) -> None:
+    # dies with SIGKILL in the middle of the HDF5 write, as `kill -9` or the OOM killer would do it
+    original = h5py.Group.create_dataset
+
+    def killed(self, name, *args, **kwargs):
+        if name == "next_obs":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, name, *args, **kwargs)
+
+    h5py.Group.create_dataset = killed
+    _writer(path, 0)
+
+
+def test_write_removes_temp_files_of_killed_writers(tmp_path):
+    path = tmp_path / "cn" / "random" / "seed_0.h5"
+    ctx = mp.get_context("fork")
+    proc = ctx.Process(target=_killed_writer, args=(str(path),))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == -signal.SIGKILL
+    (left,) = [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert left.startswith(".seed_0.h5.")
+    # temporary files of other datasets and other files stay
+    others = [".seed_1.h5.12345.0123abcd.tmp", ".seed_0.h5.notes.tmp", "seed_0.h5.txt"]
+    for name in others:
+        (path.parent / name).write_text("x")
+    write(path, **make_arrays("cn", num_episodes=1))
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(others + ["seed_0.h5", "seed_0.h5.lock"])
+    assert len(load_dataset(path)) == 25
+
+
+def test_unwritable_folder_is_a_dataset_error(tmp_path):
+    (tmp_path / "afile").write_text("x")  # a folder that cannot be created (even by root)
+    path = tmp_path / "afile" / "cn" / "random" / "seed_0.h5"
+    with pytest.raises(DatasetError, match="cannot create the lock file.*needs a writable folder"):
+        write(path, **make_arrays("cn", num_episodes=1))
+    assert issubclass(DatasetError, UserError) and issubclass(DatasetError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------------------------

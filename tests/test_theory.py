@@ -269,7 +269,9 @@ def icql_qs():
 
 def prop1_setup(icql_qs, seed=0, b=8):
     torch.manual_seed(seed)
-    args = icql_qs.resolve_args(icql_qs.Args(task="cn", dataset="random", hidden=16, batch_size=b))
+    args = icql_qs.runs.resolve_args(
+        icql_qs.Args(task="cn", dataset="random", hidden=16, batch_size=b), icql_qs.TASK_FAMILIES
+    )
     spec = icql_qs.get_task("cn")
     nets = icql_qs.make_nets(spec, args, torch.device("cpu"))
     n, o, d = spec.n_agents, spec.obs_dim, spec.act_dim
