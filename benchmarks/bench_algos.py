@@ -82,6 +82,7 @@ def load_algorithm(algo: str, folder: str | None):
         return importlib.import_module(algo)
     spec = importlib.util.spec_from_file_location(f"baseline_{algo}", Path(folder) / f"{algo}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -441,6 +441,8 @@ def restore_args(args, algo: str):
         raise UserError(f"--resume {path}: this run is complete (final.json exists)")
     ckpt = load_checkpoint(path, algo)
     keep = {k: getattr(args, k) for k in RESUME_KEEPS if hasattr(args, k)}
+    if getattr(args, "resume", None):
+        print(f"resuming {path} at round {ckpt['round']}: options from its checkpoint, except {', '.join(keep)}")
     return type(args)(**(ckpt["args"] | keep)), ckpt
 
 

@@ -1,7 +1,7 @@
 """The four benchmark tasks (OMAR's datasets, as used by CFCQL and the SPaCQL paper).
 
 One place that names the tasks and their shapes, so that environments, datasets and algorithm files agree.
-Facts from shared/reference/benchmark-tasks.md and cfcql-reference.md (sections 1.2, 2, 7).
+Facts from OMAR's task code and the CFCQL reference (docs/reference.md, sections 1.2, 2, 7).
 """
 
 from __future__ import annotations
