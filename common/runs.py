@@ -442,7 +442,9 @@ def restore_args(args, algo: str):
     ckpt = load_checkpoint(path, algo)
     keep = {k: getattr(args, k) for k in RESUME_KEEPS if hasattr(args, k)}
     if getattr(args, "resume", None):
-        print(f"resuming {path} at round {ckpt['round']}: options from its checkpoint, except {', '.join(keep)}")
+        print(
+            f"resuming {path} at round {ckpt['round']}: options from its checkpoint, except {', '.join(keep)}"
+        )
     return type(args)(**(ckpt["args"] | keep)), ckpt
 
 
@@ -485,6 +487,11 @@ class Run:
         else:
             name = args.run_name or f"{algo}__{args.task}__{args.dataset}__{args.seed}__{int(time.time())}"
             self.path = os.path.join(args.run_dir, name)
+            for existing in (CHECKPOINT_NAME, "final.json"):
+                if os.path.exists(os.path.join(self.path, existing)):
+                    raise UserError(
+                        f"{self.path} already holds a run ({existing}): --resume it or pick another --run-name"
+                    )
         self.writer = SummaryWriter(self.path, purge_step=self.round)
         table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)

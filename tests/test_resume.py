@@ -117,3 +117,10 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
     out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: --gamma must be a finite number in (0, 1], got 2.0"]
+
+
+def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path):
+    write_tiny_dataset(tmp_path / "data", "cn")
+    cfcql.main(tiny_args(cfcql, tmp_path, "cn", run_name="mine"))
+    with pytest.raises(cfcql.runs.UserError, match="already holds a run"):
+        cfcql.main(tiny_args(cfcql, tmp_path, "cn", run_name="mine"))
