@@ -280,10 +280,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def run_metadata(dataset_path: str | os.PathLike | None, device) -> dict:
-    """Commit, package versions, machine and dataset checksum: what a result needs to be reproduced."""
+def code_version() -> dict:
+    """The git commit of this checkout and whether tracked files differ from it (None without git)."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": bool(status.strip()) if status is not None else None,
+    }
+
+
+def run_metadata(dataset_path: str | os.PathLike | None, device) -> dict:
+    """Commit, package versions, machine and dataset checksum: what a result needs to be reproduced."""
     packages = {}
     for name in ("torch", "numpy", "h5py", "tyro", "mujoco", "gymnasium"):
         try:
@@ -299,8 +307,7 @@ def run_metadata(dataset_path: str | os.PathLike | None, device) -> dict:
     if dataset_path is not None:
         dataset = {"path": str(dataset_path), "sha256": file_sha256(dataset_path)}
     return {
-        "commit": commit.strip() if commit else None,
-        "dirty": bool(status.strip()) if status is not None else None,
+        **code_version(),
         "packages": packages,
         "machine": {
             "cpu": cpu_model(),
@@ -477,12 +484,14 @@ class Run:
 
         self.algo, self.args, self.state, self.generator = algo, args, state, generator
         self.round, self.history, self.logs, self.pending, self.elapsed = 0, [], [], [], 0.0
+        self.code = []  # the code version of every segment of the run: its start and each resume
         if checkpoint is not None:
             for name, obj in state.items():
                 obj.load_state_dict(checkpoint[name])
             set_rng_state(checkpoint["rng"], generator)
             for key in ("round", "history", "logs", "pending", "elapsed"):
                 setattr(self, key, checkpoint[key])
+            self.code = checkpoint.get("code", [])
             self.path = os.path.dirname(_checkpoint_file(args.resume))
         else:
             name = args.run_name or f"{algo}__{args.task}__{args.dataset}__{args.seed}__{int(time.time())}"
@@ -492,6 +501,7 @@ class Run:
                     raise UserError(
                         f"{self.path} already holds a run ({existing}): --resume it or pick another --run-name"
                     )
+        self.code = self.code + [{"round": self.round, **code_version()}]
         self.writer = SummaryWriter(self.path, purge_step=self.round)
         table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -553,6 +563,7 @@ class Run:
                 "history": self.history,
                 "logs": self.logs,
                 "pending": self.pending,
+                "code": self.code,
                 "elapsed": self.elapsed + time.time() - self.start,
                 "rng": get_rng_state(self.generator),
             },  # fmt: skip
@@ -567,7 +578,8 @@ class Run:
             "algo": self.algo, "task": self.args.task, "dataset": self.args.dataset, "seed": self.args.seed,
             "final_return": ret, "final_normalized_score": score, "wall_time_s": wall, "device": str(device),
             "eval_history": self.history, "logs": self.logs, "args": asdict(self.args),
-            "meta": run_metadata(dataset_path, device),
+            "meta": run_metadata(dataset_path, device) | {
+                "commit": self.code[0]["commit"], "dirty": any(c["dirty"] for c in self.code), "code": self.code},
         }  # fmt: skip
         atomic_write_json(result, os.path.join(self.path, "final.json"))
         if self.args.save_model:

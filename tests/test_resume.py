@@ -62,6 +62,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     for key in ("eval_history", "logs", "final_return"):
         assert json.loads(json.dumps(resumed[key])) == json.loads(json.dumps(whole[key])), key
     assert len(resumed["eval_history"]) == 6  # rounds 0, 4, 8, 12, 16 and the final one
+    assert [c["round"] for c in resumed["meta"]["code"]] == [0, 10]  # the code of each segment of the run
     a = torch.load(Path(whole["run_path"]) / "model.pt", weights_only=True)
     b = torch.load(run_path / "model.pt", weights_only=True)
     for part in ("actors", "actors_target", "critic", "critic_target"):
