@@ -57,16 +57,17 @@ GRIDS = {  # grid -> [(algo, task, dataset)]
     ],
     "smoke": [(a, "cn", "random") for a in ("cfcql_smoke", "spacql_mpe_smoke")],
 }
-# Measured ms per update round, 2 threads, eager fp32, AMD 2-core CPU (benchmarks/speed.sh); True = estimate
+# ms per update round of the current code, eager fp32, 2 threads, 2-core AMD EPYC (benchmarks/bench_algos.py, in
+# docs/speed.md); True = estimated from the measured cases (same shapes up to the state width)
 MS_PER_ROUND = {
-    ("cfcql.py", "cn"): (98, False),
-    ("cfcql.py", "pp"): (100, True),
-    ("cfcql.py", "world"): (106, False),
-    ("cfcql.py", "halfcheetah"): (440, False),
-    ("spacql_mpe.py", "cn"): (407, False),
-    ("spacql_mpe.py", "pp"): (410, True),
-    ("spacql_mpe.py", "world"): (426, False),
-    ("spacql_mamujoco.py", "halfcheetah"): (1300, True),
+    ("cfcql.py", "cn"): (490, False),
+    ("cfcql.py", "pp"): (490, True),
+    ("cfcql.py", "world"): (520, True),
+    ("cfcql.py", "halfcheetah"): (3170, False),
+    ("spacql_mpe.py", "cn"): (2530, False),
+    ("spacql_mpe.py", "pp"): (2530, True),
+    ("spacql_mpe.py", "world"): (2650, True),
+    ("spacql_mamujoco.py", "halfcheetah"): (9000, True),
 }
 LOG_TAGS = re.compile(r"charts/(target_spread|k_eff|w_\d+|u_\d+)")  # the logged tags a result keeps
 CORES = os.cpu_count() or 1
@@ -202,7 +203,7 @@ def print_estimate(missing):
         print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} min{' (estimate)' * guess}")
     print(
         f"estimated CPU time: {total / 3600:.1f} h at 2 threads ({2 * total / 3600:.1f} core-hours); update rounds "
-        f"only, from the ms per round of benchmarks/speed.sh{' (some estimated)' * any_guess}"
+        f"only, from the ms per round of benchmarks/bench_algos.py{' (some estimated)' * any_guess}"
     )
 
 
