@@ -232,14 +232,10 @@ def load_checkpoint(path: str | os.PathLike, algo: str, task: str | None = None)
     Every problem (missing, unreadable, not a checkpoint, another algorithm's or task's) raises a one-line
     UserError.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT_NAME).is_file():
-            raise UserError(
-                f"{path} is a folder without {CHECKPOINT_NAME}: not a run folder with a checkpoint"
-            )
-        path = path / CHECKPOINT_NAME
-    elif not path.exists():
+    if Path(path).is_dir() and not Path(_checkpoint_file(path)).is_file():
+        raise UserError(f"{path} is a folder without {CHECKPOINT_NAME}: not a run folder with a checkpoint")
+    path = Path(_checkpoint_file(path))
+    if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -456,6 +452,7 @@ def restore_args(args, algo: str):
 
 
 def _checkpoint_file(path) -> str:
+    """The checkpoint a --resume / --load-model path names: the file itself, or a run folder's checkpoint.pt."""
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else str(path)
 
 
