@@ -114,12 +114,12 @@ def prepare(
         one_round()
     # --compile only now: a torch.compile'd function first called under a mode like the FLOP counter runs eagerly,
     # and keeps doing so (measured: no graph is ever captured afterwards)
-    if compile_:  # as the training scripts' --compile (make_nets with args.compile)
-        args.compile = True
-        compiled = module.make_nets(spec, args, device) if not hasattr(module, "compile_losses") else None
-        if compiled is None:
+    if compile_:  # as the training scripts' --compile
+        if hasattr(module, "compile_losses"):  # 4fead26's interface
             module.compile_losses(nets)
-        else:
+        else:  # make_nets under --compile attaches the compiled losses
+            args.compile = True
+            compiled = module.make_nets(spec, args, device)
             nets.critic_loss, nets.actor_loss = compiled.critic_loss, compiled.actor_loss
     for _ in range(3):  # warm-up (and compilation)
         one_round()
