@@ -234,9 +234,7 @@ def td_target(batch: Batch, nets: Nets, args: Args) -> tuple[torch.Tensor, dict]
         noise = args.target_noise * torch.randn(n, b, n, d, device=next_pi.device)  # [n(k), B, n, d]
         a_pi = (next_pi + noise).clamp(-1.0, 1.0)  # line 8
         mask = partial_replacement_masks(b, n, next_pi.device)  # [n(k), B, n]
-        joint = replace_actions(
-            batch.next_actions[None], a_pi, mask
-        )  # [n(k), B, n, d]  a'^(k), Eq. (3), line 9
+        joint = replace_actions(batch.next_actions[None], a_pi, mask)  # [n(k), B, n, d]  Eq. 3, line 9
         joint = joint.flatten(2)[:, :, None]  # [n(k), B, 1, n*d]: a BatchNorm group per k
         u = nets.critic(batch.next_states[None], joint).std(0)  # [n(k), B, 1]  Eq. (7), line 10
         q_next = nets.critic_target(batch.next_states[None], joint)  # [E, n(k), B, 1]
