@@ -118,7 +118,7 @@ def replace_actions(base: torch.Tensor, new: torch.Tensor, mask: torch.Tensor) -
 
 
 class EnsembleLinear(nn.Module):
-    """E nn.Linear(in_dim, out_dim), batched: x [N, in] or [E, N, in] -> [E, N, out]."""
+    """E nn.Linear(in_dim, out_dim), batched: x [N, in] (shared) or [E, N, in] -> [E, N, out]."""
 
     def __init__(self, e: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -127,7 +127,12 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(e, 1, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.weight) + self.bias
+        return torch.matmul(members(x, self.weight.shape[0]), self.weight) + self.bias
+
+
+def members(x: torch.Tensor, e: int) -> torch.Tensor:
+    """[N, in] -> [E, N, in], a view: a batched matmul (2-D @ 3-D would run as one transposed mm, ~30% slower)."""
+    return x.expand(e, *x.shape[-2:])
 
 
 class Actors(nn.Module):
@@ -191,9 +196,9 @@ class EnsembleCritic(nn.Module):
         x_s = batch_norm(states, (1,), self.bn_weight[:s], self.bn_bias[:s])  # [Gs, B, S]
         x_a = batch_norm(actions, (1, 2), self.bn_weight[s:], self.bn_bias[s:])  # [G, B, R, A]
         w1, b1 = self.fc1.weight, self.fc1.bias  # [E, S+A, H], [E, 1, H]
-        h_s = torch.matmul(x_s.flatten(0, 1), w1[:, :s]) + b1  # [E, Gs*B, H]
-        h_a = torch.matmul(x_a.flatten(0, 2), w1[:, s:])  # [E, G*B*R, H]
-        e, _, hid = h_a.shape
+        e, _, hid = w1.shape
+        h_s = torch.matmul(members(x_s.flatten(0, 1), e), w1[:, :s]) + b1  # [E, Gs*B, H]
+        h_a = torch.matmul(members(x_a.flatten(0, 2), e), w1[:, s:])  # [E, G*B*R, H]
         h = F.relu(h_a.view(e, g, b, r, hid) + h_s.view(e, -1, b, 1, hid)).view(e, -1, hid)
         h = F.relu(self.fc2(h))  # [E, G*B*R, H]
         return self.fc3(h).view(e, g, b, r)
