@@ -127,6 +127,8 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(e, 1, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[-1] == 1:  # a dot product per row: faster as multiply-and-sum than as a batched matmul
+            return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
         return torch.matmul(members(x, self.weight.shape[0]), self.weight) + self.bias
 
 
