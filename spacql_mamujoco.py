@@ -31,7 +31,7 @@ from common.build import ensure_dataset
 from common.dataset import load_dataset, normalized_score
 from common.envs import make_vec_env
 from common.evaluation import evaluate
-from common.perf import keep_freed_memory
+from common.perf import compile_backend, keep_freed_memory
 from common.tasks import default_hint, get_task
 
 ALGO = os.path.basename(__file__)[: -len(".py")]
@@ -127,7 +127,7 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(e, 1, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.shape[-1] == 1:  # a dot product per row: faster as multiply-and-sum than as a batched matmul
+        if self.weight.shape[-1] == 1:  # one output: multiply-and-sum beats a batched matmul
             return (x * self.weight.transpose(1, 2)).sum(-1, keepdim=True) + self.bias
         return torch.matmul(members(x, self.weight.shape[0]), self.weight) + self.bias
 
@@ -379,7 +379,9 @@ def make_nets(spec, args: Args, device: torch.device) -> Nets:
         import torch._inductor.config as inductor_config
 
         inductor_config.fallback_random = True
-        nets.critic_loss, nets.actor_loss = torch.compile(critic_loss), torch.compile(actor_loss)
+        backend = compile_backend(device)  # common/perf.py
+        nets.critic_loss = torch.compile(critic_loss, backend=backend)
+        nets.actor_loss = torch.compile(actor_loss, backend=backend)
     return nets
 
 
