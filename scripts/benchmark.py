@@ -57,17 +57,17 @@ GRIDS = {  # grid -> [(algo, task, dataset)]
     ],
     "smoke": [(a, "cn", "random") for a in ("cfcql_smoke", "spacql_mpe_smoke")],
 }
-# ms per update round of the current code, eager fp32, 2 threads, 2-core AMD EPYC (benchmarks/bench_algos.py, in
-# docs/speed.md); True = estimated from the measured cases (same shapes up to the state width)
+# ms per update round of the current code, 2 threads, 2-core AMD EPYC (benchmarks/bench_algos.py, docs/speed.md):
+# (eager fp32, --compile, estimated?); estimated = scaled from the measured cn cases (same shapes up to the state width)
 MS_PER_ROUND = {
-    ("cfcql.py", "cn"): (490, False),
-    ("cfcql.py", "pp"): (490, True),
-    ("cfcql.py", "world"): (520, True),
-    ("cfcql.py", "halfcheetah"): (3170, False),
-    ("spacql_mpe.py", "cn"): (2530, False),
-    ("spacql_mpe.py", "pp"): (2530, True),
-    ("spacql_mpe.py", "world"): (2650, True),
-    ("spacql_mamujoco.py", "halfcheetah"): (9000, True),
+    ("cfcql.py", "cn"): (276, 206, False),
+    ("cfcql.py", "pp"): (276, 206, True),
+    ("cfcql.py", "world"): (290, 217, True),
+    ("cfcql.py", "halfcheetah"): (933, 808, False),
+    ("spacql_mpe.py", "cn"): (1246, 905, False),
+    ("spacql_mpe.py", "pp"): (1246, 905, True),
+    ("spacql_mpe.py", "world"): (1308, 950, True),
+    ("spacql_mamujoco.py", "halfcheetah"): (2650, 2290, True),
 }
 LOG_TAGS = re.compile(r"charts/(target_spread|k_eff|w_\d+|u_\d+)")  # the logged tags a result keeps
 CORES = os.cpu_count() or 1
@@ -180,11 +180,12 @@ def run_one_command(algo, task, dataset, seed, args, threads):
     return shlex.join(cmd + ([f"--extra={args.extra}"] if args.extra else []))
 
 
-def estimate_s(algo, task):
+def estimate_s(algo, task, compiled=False):
     """(seconds, is estimate, rounds) of one run at 2 threads: rounds x ms per round (no evaluation time)."""
     file, flags = ALGOS[algo]
     base = file if (file, task) in MS_PER_ROUND else file.replace("icql_qs", "cfcql")
-    ms, guess = MS_PER_ROUND[(base, task)]
+    eager_ms, compiled_ms, guess = MS_PER_ROUND[(base, task)]
+    ms = compiled_ms if compiled else eager_ms
     if base != file:  # icql_qs: cfcql + ~10%
         ms, guess = ms * 1.1, True
     guess = guess or "--num-critics" in flags  # a bigger ensemble than measured
@@ -194,16 +195,17 @@ def estimate_s(algo, task):
     return rounds * ms / 1000, guess, rounds
 
 
-def print_estimate(missing):
+def print_estimate(missing, compiled=False):
     total, any_guess = 0.0, False
     for run, state in missing:
-        sec, guess, rounds = estimate_s(run[0], run[1])
+        sec, guess, rounds = estimate_s(run[0], run[1], compiled)
         sec = 0.0 if state == "convert" else sec  # finished; only its result is missing
         total, any_guess = total + sec, any_guess or guess
         print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} min{' (estimate)' * guess}")
     print(
         f"estimated CPU time: {total / 3600:.1f} h at 2 threads ({2 * total / 3600:.1f} core-hours); update rounds "
-        f"only, from the ms per round of benchmarks/bench_algos.py{' (some estimated)' * any_guess}"
+        f"only, from the ms per round of benchmarks/bench_algos.py{' with --compile' * compiled}"
+        f"{' (some estimated)' * any_guess}"
     )
 
 
@@ -296,7 +298,8 @@ def main():
         print("no missing run", file=info)
         return
     if args.dry_run:
-        return print_estimate([(r, st) for r, st in zip(runs, states) if st != "done"])
+        compiled = "--compile" in shlex.split(args.extra)
+        return print_estimate([(r, st) for r, st in zip(runs, states) if st != "done"], compiled)
     if args.print_commands:
         for m in missing:
             print(run_one_command(*m, args, args.threads or max(1, CORES // args.jobs)))
