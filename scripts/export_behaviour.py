@@ -5,6 +5,8 @@
                    (OMAR's medium return by default), re-measured on --episodes episodes
     medium-replay  every snapshot of a run stopped at medium (matd3_online.py --stop-return ... --eval-every 1)
                    that collected episodes, as float16 (or float32), plus the run's schedule
+    --recalibrate  an exported expert/medium file: keep its actors, set the exploration noise (on a grid) whose
+                   return with noise is closest to --target (OMAR's protocol fixes MATD3 + noise, not its level)
 
 Every choice is re-measured with common.build's numpy rollout (the code that builds the datasets), and the
 returns are stored in the file's `meta` / `schedule`.
@@ -12,6 +14,7 @@ returns are stored in the file's `meta` / `schedule`.
     python scripts/export_behaviour.py --run runs/cn_expert --type expert
     python scripts/export_behaviour.py --run runs/cn_expert --type medium
     python scripts/export_behaviour.py --run runs/cn_mr --type medium-replay
+    python scripts/export_behaviour.py --recalibrate common/behaviour/cn_expert.npz --target 531.0
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, behaviour_file, rollout  # noqa: E402
+from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, _layers, behaviour_file, rollout  # noqa: E402
 from common.dataset import episode_returns  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
@@ -39,14 +42,18 @@ EVAL_KEYS = (99, 0)  # seed keys of the export's measurements: disjoint from the
 
 @dataclass
 class Args:
-    run: str
+    run: str | None = None
     """run directory of matd3_online.py (holds snapshots.npz)"""
+    recalibrate: str | None = None
+    """an exported expert/medium file whose exploration noise is re-chosen for --target (instead of --run)"""
+    noise_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 21))
+    """--recalibrate: the noise levels measured (default 0.10, 0.15, ..., 1.00)"""
     type: str = "expert"
     """expert | medium | medium-replay"""
     snapshot: int | None = None
     """expert/medium: export this snapshot index instead of choosing"""
     target: float | None = None
-    """medium: target return with noise (default OMAR's medium return)"""
+    """medium: target return with noise (default OMAR's medium return); --recalibrate: required"""
     candidates: int = 8
     """medium/expert: how many snapshots (closest by the run's own eval) to re-measure"""
     episodes: int | None = None
@@ -71,7 +78,45 @@ def measure(task: str, policy, episodes: int, key: int = 0) -> np.ndarray:
     return episode_returns(spec, arrays["rewards"], arrays["dones"], arrays["timeouts"])
 
 
+def recalibrate_noise(args: Args):
+    """Re-choose the exploration noise of an exported expert/medium behaviour so that its return with noise is the
+    closest on args.noise_grid to args.target; rewrites the file with the same actors and the new noise in `meta`."""
+    path = Path(args.recalibrate)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    if args.target is None:
+        raise SystemExit("error: --recalibrate needs --target (the mean return with noise to match)")
+    task, layers = meta["task"], _layers(arrays)
+    episodes = args.episodes or (2000 if get_task(task).family == "mpe" else 20)
+    measured = {s: float(measure(task, ActorPolicy(layers, s, ""), episodes).mean()) for s in args.noise_grid}
+    for s, r in measured.items():
+        print(f"noise {s:.2f}: return with noise {r:.1f}")
+    best = min(measured, key=lambda s: abs(measured[s] - args.target))
+    noisy = measure(task, ActorPolicy(layers, best, ""), episodes, key=1)  # fresh episodes
+    meta |= dict(
+        exploration_noise=best,
+        return_with_noise=float(noisy.mean()),
+        return_with_noise_std=float(noisy.std()),
+        noise_calibration=dict(
+            target_return=args.target,
+            previous_noise=meta["exploration_noise"],
+            measured=measured,
+            measured_episodes=episodes,
+        ),
+    )
+    out = Path(args.out) if args.out else path
+    np.savez_compressed(out, meta=np.array(json.dumps(meta)), **arrays)
+    print(f"{out}: noise {best}, return with noise {noisy.mean():.1f} +- {noisy.std():.1f}")
+
+
 def main(args: Args):
+    if args.recalibrate:
+        return recalibrate_noise(args)
+    if args.run is None:
+        raise SystemExit(
+            "error: give --run (a matd3_online.py run folder) or --recalibrate (a behaviour file)"
+        )
     with np.load(os.path.join(args.run, "snapshots.npz"), allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     schedule = json.loads(str(arrays.pop("schedule")))

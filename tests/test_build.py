@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,30 @@ def test_trainer_to_dataset_end_to_end(small, tmp_path):
     check_structure(ds, "cn", 4 + 7 * 4)  # the 8th (final) snapshot collected nothing
     ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
     check_structure(ds, "cn", MPE_EPISODES)
+
+
+def test_recalibrate_sets_the_noise_whose_return_meets_the_target(small):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import export_behaviour
+
+    behaviour, data_dir = small
+    path = write_policy(behaviour, "cn", "expert", noise=0.1)
+    with np.load(path) as f:
+        weights = {k: f[k] for k in f.files if k != "meta"}
+    layers = build._layers(weights)
+    target = export_behaviour.measure("cn", build.ActorPolicy(layers, 0.3, ""), 8).mean()  # the same episodes
+    export_behaviour.main(
+        export_behaviour.Args(
+            recalibrate=str(path), target=float(target), episodes=8, noise_grid=(0.1, 0.3, 0.6)
+        )
+    )
+    with np.load(path) as f:
+        meta = json.loads(str(f["meta"]))
+        assert all(np.array_equal(f[k], w) for k, w in weights.items())  # same actors
+    assert meta["exploration_noise"] == 0.3 and meta["noise_calibration"]["previous_noise"] == 0.1
+    assert sorted(meta["noise_calibration"]["measured"]) == ["0.1", "0.3", "0.6"]
+    ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
+    assert ds.meta["exploration_noise"] == 0.3
 
 
 def test_stale_dataset_is_an_error_not_a_silent_mismatch(small):
