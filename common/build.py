@@ -130,7 +130,7 @@ def behaviour_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _layers(arrays, snapshot=None) -> list[tuple[np.ndarray, np.ndarray]]:
+def actor_layers(arrays, snapshot=None) -> list[tuple[np.ndarray, np.ndarray]]:
     layers, i = [], 0
     while f"w{i}" in arrays:
         w, b = arrays[f"w{i}"], arrays[f"b{i}"]
@@ -181,7 +181,7 @@ def load_behaviour(task: str, dataset: str, noise_std: float | None = None):
     if dataset != "medium-replay":
         meta = json.loads(str(arrays["meta"]))
         noise = meta["exploration_noise"] if noise_std is None else noise_std
-        layers = _layers(arrays)
+        layers = actor_layers(arrays)
         _check_layers(spec, layers, path)
         policy = ActorPolicy(layers, noise, f"{source}, N(0, {noise}^2) noise")
         episodes = EPISODES[spec.family]
@@ -199,7 +199,7 @@ def load_behaviour(task: str, dataset: str, noise_std: float | None = None):
         )
     policies: list = [UniformPolicy()]
     for k in range(num_snapshots):
-        layers = _layers(arrays, k)
+        layers = actor_layers(arrays, k)
         _check_layers(spec, layers, path)
         policies.append(ActorPolicy(layers, noise, f"{source} snapshot {k}, N(0, {noise}^2) noise"))
     episode_policy = np.repeat(np.arange(num_snapshots + 1), [int(schedule["warmup_episodes"])] + counts)

@@ -30,7 +30,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, _layers, behaviour_file, rollout  # noqa: E402
+from common.build import BEHAVIOUR_DIR, ActorPolicy, UniformPolicy, actor_layers, behaviour_file, rollout  # noqa: E402
 from common.dataset import episode_returns  # noqa: E402
 from common.tasks import get_task  # noqa: E402
 
@@ -68,10 +68,6 @@ class Args:
     """output file (default common/behaviour/<task>_<type>.npz)"""
 
 
-def layers_of(arrays: dict, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(arrays[f"w{i}"][k], arrays[f"b{i}"][k]) for i in range(len([x for x in arrays if x[0] == "w"]))]
-
-
 def measure(task: str, policy, episodes: int, key: int = 0) -> np.ndarray:
     spec = get_task(task)
     arrays = rollout(task, [policy], np.zeros(episodes, np.int64), (*EVAL_KEYS, key), progress=False)
@@ -87,7 +83,7 @@ def recalibrate_noise(args: Args):
     meta = json.loads(str(arrays.pop("meta")))
     if args.target is None:
         raise SystemExit("error: --recalibrate needs --target (the mean return with noise to match)")
-    task, layers = meta["task"], _layers(arrays)
+    task, layers = meta["task"], actor_layers(arrays)
     episodes = args.episodes or (2000 if get_task(task).family == "mpe" else 20)
     measured = {s: float(measure(task, ActorPolicy(layers, s, ""), episodes).mean()) for s in args.noise_grid}
     for s, r in measured.items():
@@ -138,7 +134,7 @@ def main(args: Args):
             candidates = list(np.argsort(np.abs(recorded - target))[: args.candidates])
         measured = {}
         for k in candidates:
-            returns = measure(task, ActorPolicy(layers_of(arrays, k), noise, ""), episodes)
+            returns = measure(task, ActorPolicy(actor_layers(arrays, k), noise, ""), episodes)
             measured[int(k)] = float(returns.mean())
             print(
                 f"snapshot {k} (env steps {info[k]['env_steps']}): run's eval {recorded[k]:.1f}, measured {returns.mean():.1f}"
@@ -147,9 +143,9 @@ def main(args: Args):
             best = max(measured, key=measured.get)
         else:
             best = min(measured, key=lambda k: abs(measured[k] - target))
-        policy = ActorPolicy(layers_of(arrays, best), noise, "")
+        policy = ActorPolicy(actor_layers(arrays, best), noise, "")
         noisy = measure(task, policy, episodes, key=1)  # fresh episodes: the selection is not the measurement
-        det = measure(task, ActorPolicy(layers_of(arrays, best), 0.0, ""), episodes, key=2)
+        det = measure(task, ActorPolicy(actor_layers(arrays, best), 0.0, ""), episodes, key=2)
         meta = dict(
             task=task,
             type=args.type,
@@ -198,9 +194,11 @@ def main(args: Args):
     weights = {k: v[keep].astype(dtype) for k, v in arrays.items()}
     # storage check: the last snapshot's return with the stored vs the float32 weights, same episodes
     last = int(keep[-1])
-    r32 = measure(task, ActorPolicy(layers_of(arrays, last), noise, ""), episodes).mean()
-    r16 = measure(task, ActorPolicy(layers_of(weights, len(keep) - 1), noise, ""), episodes).mean()
-    policies = [UniformPolicy()] + [ActorPolicy(layers_of(weights, i), noise, "") for i in range(len(keep))]
+    r32 = measure(task, ActorPolicy(actor_layers(arrays, last), noise, ""), episodes).mean()
+    r16 = measure(task, ActorPolicy(actor_layers(weights, len(keep) - 1), noise, ""), episodes).mean()
+    policies = [UniformPolicy()] + [
+        ActorPolicy(actor_layers(weights, i), noise, "") for i in range(len(keep))
+    ]
     episode_policy = np.repeat(np.arange(len(keep) + 1), [schedule["warmup_episodes"]] + list(counts[keep]))
     data = rollout(task, policies, episode_policy, (*EVAL_KEYS, 3), progress=False)
     returns = episode_returns(spec, data["rewards"], data["dones"], data["timeouts"])

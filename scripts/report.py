@@ -192,7 +192,9 @@ def learning_curves(runs, fig_dir):
             if ax.lines:
                 ax.legend(fontsize=7)
             else:
-                ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+                ax.text(
+                    0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes, color="gray"
+                )
                 ax.set(xticks=[], yticks=[])
         written.append(save(fig, fig_dir / f"curves_{task}.png"))
     return written

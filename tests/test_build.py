@@ -220,7 +220,7 @@ def test_recalibrate_sets_the_noise_whose_return_meets_the_target(small):
     path = write_policy(behaviour, "cn", "expert", noise=0.1)
     with np.load(path) as f:
         weights = {k: f[k] for k in f.files if k != "meta"}
-    layers = build._layers(weights)
+    layers = build.actor_layers(weights)
     target = export_behaviour.measure("cn", build.ActorPolicy(layers, 0.3, ""), 8).mean()  # the same episodes
     export_behaviour.main(
         export_behaviour.Args(
