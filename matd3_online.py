@@ -49,6 +49,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -109,7 +110,10 @@ class Args:
     eval_episodes: int | None = None
     """episodes per evaluation (fixed seeds); run once deterministic and once with exploration noise"""
     stop_return: float | None = None
-    """stop as soon as the evaluation return WITH exploration noise reaches this (medium-replay runs)"""
+    """stop as soon as the evaluation return (see --stop-on) reaches this (medium-replay runs)"""
+    stop_on: Literal["noisy", "deterministic"] = "noisy"
+    """which evaluation --stop-return reads: "noisy" (with the exploration noise, the data's behaviour) or
+    "deterministic" (the actors' own output, as offline learners are evaluated)"""
     run_name: str | None = None
     """sub-directory of --out-dir (default <task>__matd3__<seed>__<unix time>)"""
     out_dir: str = "runs"
@@ -446,7 +450,8 @@ def main(args: Args):
                 )
             )
             train_returns = []
-            if args.stop_return is not None and noisy.mean() >= args.stop_return:
+            stop_eval = noisy if args.stop_on == "noisy" else det
+            if args.stop_return is not None and stop_eval.mean() >= args.stop_return:
                 stopped = True
             save_snapshots(r, stopped)
             if stopped:

@@ -1,8 +1,10 @@
 """Turn a matd3_online.py run into a shipped behaviour file common/behaviour/<task>_<type>.npz.
 
-    expert         the snapshot with the best return with exploration noise (default), or --snapshot k
+    expert         the snapshot with the best return with exploration noise (default), the one closest to
+                   --target if given, or --snapshot k
     medium         among the snapshots, the one whose return WITH exploration noise is closest to --target
                    (OMAR's medium return by default), re-measured on --episodes episodes
+                   (both: --max-std S keeps only candidates whose episode returns spread at most S)
     medium-replay  every snapshot of a run stopped at medium (matd3_online.py --stop-return ... --eval-every 1)
                    that collected episodes, as float16 (or float32), plus the run's schedule
     --recalibrate  an exported expert/medium file: keep its actors, set the exploration noise (on a grid) whose
@@ -53,7 +55,10 @@ class Args:
     snapshot: int | None = None
     """expert/medium: export this snapshot index instead of choosing"""
     target: float | None = None
-    """medium: target return with noise (default OMAR's medium return); --recalibrate: required"""
+    """medium (default OMAR's medium return) / expert (default: the best): target return with noise;
+    --recalibrate: required"""
+    max_std: float | None = None
+    """medium/expert: only snapshots whose return std (over the measured episodes) is at most this"""
     candidates: int = 8
     """medium/expert: how many snapshots (closest by the run's own eval) to re-measure"""
     episodes: int | None = None
@@ -125,24 +130,28 @@ def main(args: Args):
 
     if args.type in ("expert", "medium"):
         recorded = np.array([s["noisy_return"] for s in info])
-        target = args.target if args.target is not None else OMAR_MEDIUM[task]
+        target = args.target if args.target is not None or args.type == "expert" else OMAR_MEDIUM[task]
         if args.snapshot is not None:
             candidates = [args.snapshot % len(info)]
-        elif args.type == "expert":
+        elif target is None:  # expert: the best
             candidates = list(np.argsort(-recorded)[: args.candidates])
         else:
             candidates = list(np.argsort(np.abs(recorded - target))[: args.candidates])
-        measured = {}
+        measured, spread = {}, {}
         for k in candidates:
             returns = measure(task, ActorPolicy(actor_layers(arrays, k), noise, ""), episodes)
-            measured[int(k)] = float(returns.mean())
+            measured[int(k)], spread[int(k)] = float(returns.mean()), float(returns.std())
             print(
-                f"snapshot {k} (env steps {info[k]['env_steps']}): run's eval {recorded[k]:.1f}, measured {returns.mean():.1f}"
+                f"snapshot {k} (env steps {info[k]['env_steps']}): run's eval {recorded[k]:.1f}, "
+                f"measured {returns.mean():.1f} +- {returns.std():.1f}"
             )
-        if args.type == "expert":
-            best = max(measured, key=measured.get)
+        eligible = [k for k in measured if args.max_std is None or spread[k] <= args.max_std]
+        if not eligible:
+            raise SystemExit(f"error: no candidate snapshot has a return std <= --max-std {args.max_std}")
+        if target is None:
+            best = max(eligible, key=measured.get)
         else:
-            best = min(measured, key=lambda k: abs(measured[k] - target))
+            best = min(eligible, key=lambda k: abs(measured[k] - target))
         policy = ActorPolicy(actor_layers(arrays, best), noise, "")
         noisy = measure(task, policy, episodes, key=1)  # fresh episodes: the selection is not the measurement
         det = measure(task, ActorPolicy(actor_layers(arrays, best), 0.0, ""), episodes, key=2)
@@ -160,8 +169,10 @@ def main(args: Args):
             selection=f"snapshot {args.snapshot} given"
             if args.snapshot is not None
             else f"best of {len(measured)}",
-            target_return=target if args.type == "medium" else None,
+            target_return=target,
+            max_std=args.max_std,
             candidates_measured=measured,
+            candidates_std=spread,
             measured_episodes=episodes,
             training_args=schedule["args"],
         )
@@ -223,11 +234,12 @@ def main(args: Args):
             last_snapshot_return_float32=float(r32), last_snapshot_return_stored=float(r16), episodes=episodes
         ),
         rebuilt_return_mean=float(returns.mean()),
+        rebuilt_return_std=float(returns.std()),
         training_args=schedule["args"],
     )
     np.savez_compressed(out, schedule=np.array(json.dumps(new_schedule)), **weights)
     print(
-        f"{out}: {len(keep)} snapshots, {new_schedule['total_episodes']} episodes, rebuilt return {returns.mean():.1f}; "
+        f"{out}: {len(keep)} snapshots, {new_schedule['total_episodes']} episodes, rebuilt return {returns.mean():.1f} +- {returns.std():.1f}; "
         f"last snapshot float32 {r32:.1f} vs stored {np.dtype(dtype).name} {r16:.1f}; {out.stat().st_size / 1e6:.2f} MB"
     )
 

@@ -206,6 +206,24 @@ def test_trainer_to_dataset_end_to_end(small, tmp_path):
             run=run_dir, type="expert", episodes=4, candidates=2, out=str(behaviour / "cn_expert.npz")
         )
     )
+    # --max-std: the snapshot closest to the target is skipped when its returns spread more than allowed
+    with np.load(Path(run_dir) / "snapshots.npz") as f:
+        snaps = {k: f[k] for k in f.files if k != "schedule"}
+    returns = [
+        export_behaviour.measure("cn", build.ActorPolicy(build.actor_layers(snaps, k), 0.1, ""), 4)
+        for k in range(8)
+    ]  # the episodes the export measures
+    wide = int(np.argmax([r.std() for r in returns]))
+    out = tmp_path / "medium.npz"
+    pick = dict(run=run_dir, type="medium", target=float(returns[wide].mean()), episodes=4, out=str(out))
+    export_behaviour.main(export_behaviour.Args(**pick))
+    with np.load(out) as f:
+        assert json.loads(str(f["meta"]))["snapshot"] == wide
+    export_behaviour.main(export_behaviour.Args(**pick, max_std=float(returns[wide].std()) - 1e-3))
+    with np.load(out) as f:
+        assert json.loads(str(f["meta"]))["snapshot"] != wide
+    with pytest.raises(SystemExit, match="max-std"):  # none eligible: one clear line
+        export_behaviour.main(export_behaviour.Args(**pick, max_std=-1.0))
     ds = load_dataset(build.ensure_dataset("cn", "medium-replay", 0, data_dir, progress=False))
     check_structure(ds, "cn", 4 + 7 * 4)  # the 8th (final) snapshot collected nothing
     ds = load_dataset(build.ensure_dataset("cn", "expert", 0, data_dir, progress=False))
