@@ -78,6 +78,9 @@ class Args:
     """episodes of uniform-random actions before the actors act; rounded up to whole rounds"""
     utd: float | None = None
     """updates per collected transition (update-to-data ratio); each round runs utd * E * T updates"""
+    warmup_utd: float | None = None
+    """update-to-data ratio of the critic-only warm-up rounds (the last warm-up round starts the actors and
+    runs --utd); None = --utd"""
     batch_size: int | None = None
     """minibatch size B"""
     actor_hidden: int | None = None
@@ -357,6 +360,8 @@ def main(args: Args):
     num_rounds = math.ceil(args.total_steps / (E * T))
     warmup_rounds = math.ceil(args.warmup_episodes / E)
     updates_per_round = max(1, round(args.utd * E * T))
+    warmup_utd = args.utd if args.warmup_utd is None else args.warmup_utd
+    warmup_updates_per_round = max(1, round(warmup_utd * E * T))
 
     actors = Actors(n, spec.obs_dim, spec.act_dim, args.actor_hidden, args.actor_out_init).to(device)
     critic = TwinCritic(spec.state_dim, n * spec.act_dim, args.critic_hidden).to(device)
@@ -483,7 +488,7 @@ def main(args: Args):
         # the untrained target actors): an actor that follows the gradient of an untrained critic saturates
         # its tanh in a few hundred steps and then takes thousands of episodes to recover.
         train_actor = r + 1 >= warmup_rounds
-        for _ in range(updates_per_round):
+        for _ in range(updates_per_round if train_actor else warmup_updates_per_round):
             batch = buffer.sample(args.batch_size, sample_gen)
             critic_loss = critic_loss_fn(batch, actors_target, critic, critic_target, args)
             critic_opt.zero_grad()

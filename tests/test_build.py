@@ -185,14 +185,18 @@ def test_trainer_to_dataset_end_to_end(small, tmp_path):
 
     behaviour, data_dir = small
     args = matd3_online.Args(
-        task="cn", seed=0, total_steps=8 * 4 * 25, num_envs=4, warmup_episodes=4, utd=0.05, batch_size=32,
+        task="cn", seed=0, total_steps=8 * 4 * 25, num_envs=4, warmup_episodes=8, utd=0.05, batch_size=32,
         eval_every=1, eval_episodes=4, stop_return=-1e9, out_dir=str(tmp_path / "runs"), run_name="tiny",
+        warmup_utd=0.2,
     )  # fmt: skip
     run_dir = matd3_online.main(args)
     with np.load(Path(run_dir) / "snapshots.npz") as f:
         schedule = json.loads(str(f["schedule"]))
         assert f["w0"].shape == (1, 3, 18, 64)  # stopped at the first evaluation after the warm-up
-    assert schedule["stopped_by_stop_return"] and schedule["warmup_episodes"] == 4
+    assert schedule["stopped_by_stop_return"] and schedule["warmup_episodes"] == 8
+    # critic-only warm-up rounds run --warmup-utd updates; the last warm-up round trains the actors: --utd
+    assert schedule["snapshots"][0]["updates"] == 0.2 * 4 * 25 + 0.05 * 4 * 25
+    args.warmup_episodes, args.warmup_utd = 4, None
     # without the stop: 8 rounds, 1 warm-up round + 7 rounds each collected by its own snapshot
     args.stop_return, args.run_name = None, "tiny2"
     run_dir = matd3_online.main(args)
