@@ -136,8 +136,9 @@ def behaviour_table() -> str:
                 )
     lines.append("")
     lines.append(
-        "Returns measured by scripts/export_behaviour.py on 2000 (MPE) / 50 (halfcheetah) fresh episodes with the "
-        "file's exploration noise N(0, noise^2) (training used 0.1). Total size of common/behaviour/: "
+        "Returns measured by scripts/export_behaviour.py on fresh episodes (2000 MPE, 20-200 halfcheetah: the "
+        "file's meta says how many) with the file's exploration noise N(0, noise^2); medium-replay: its last snapshot "
+        "with its run's noise. Total size of common/behaviour/: "
         f"{sum(p.stat().st_size for p in behaviour_file('cn', 'expert').parent.glob('*.npz')) / 1e6:.2f} MB."
     )
     return "\n".join(lines)
