@@ -234,6 +234,27 @@ def test_trainer_to_dataset_end_to_end(small, tmp_path):
     check_structure(ds, "cn", MPE_EPISODES)
 
 
+def test_stop_on_reads_the_chosen_evaluation(tmp_path):
+    """--stop-on deterministic stops on the actors' own return, --stop-on noisy on the return with noise."""
+    import matd3_online
+
+    def run(name, **kw):
+        args = matd3_online.Args(
+            task="cn", seed=0, total_steps=4 * 4 * 25, num_envs=4, warmup_episodes=4, utd=0.05, batch_size=32,
+            eval_every=1, eval_episodes=4, out_dir=str(tmp_path), run_name=name, **kw,
+        )  # fmt: skip
+        with np.load(Path(matd3_online.main(args)) / "snapshots.npz") as f:
+            return json.loads(str(f["schedule"]))
+
+    first = run("free")["snapshots"][0]  # the first evaluation, right after the warm-up
+    det, noisy = first["eval_return"], first["noisy_return"]
+    assert det != noisy
+    threshold = (det + noisy) / 2  # only the higher of the two reaches it at the first evaluation
+    high, low = ("deterministic", "noisy") if det > noisy else ("noisy", "deterministic")
+    assert len(run("high", stop_return=threshold, stop_on=high)["snapshots"]) == 1
+    assert len(run("low", stop_return=threshold, stop_on=low)["snapshots"]) > 1
+
+
 def test_recalibrate_sets_the_noise_whose_return_meets_the_target(small):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import export_behaviour
