@@ -36,8 +36,10 @@ Outputs (runs/<run_name>/)
 Usage (the runs behind the shipped behaviour files, see DATASETS.md)
     python matd3_online.py --task cn --seed 0 --run-name cn_expert      # expert; medium = one of its snapshots
     python matd3_online.py --task cn --seed 1 --num-envs 64 --eval-every 1 --stop-return 273.4 \
-        --total-steps 400000 --run-name cn_medium_replay               # medium-replay: stop at OMAR's medium
+        --warmup-episodes 1600 --total-steps 400000 --run-name cn_mr_w1600   # medium-replay: stop at OMAR's medium
     python matd3_online.py --task halfcheetah --seed 0 --run-name halfcheetah_expert
+    (pp / world / halfcheetah medium-replay use other schedules: --warmup-utd, --utd, --exploration-noise,
+    --stop-on; each run's command is in DATASETS.md)
 """
 
 from __future__ import annotations
