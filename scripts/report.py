@@ -140,9 +140,9 @@ def aggregates(runs, reps):
     lines += ["| algorithm | settings | seeds per setting | IQM | 95% CI |", "|---|---|---|---|---|"]
     for label, m in matrices.items():
         lo, hi = ci[label][:, 0]
-        lines.append(
-            f"| {label} | {m.shape[1]} | {m.shape[0]} | {point[label][0]:.3f} | [{lo:.3f}, {hi:.3f}] |"
-        )
+        # the bootstrap resamples seeds within each setting: with one seed it has nothing to resample
+        interval = f"[{lo:.3f}, {hi:.3f}]" if m.shape[0] > 1 else "none (one seed per setting)"
+        lines.append(f"| {label} | {m.shape[1]} | {m.shape[0]} | {point[label][0]:.3f} | {interval} |")
     both = sorted((t, d) for (lab, t, d) in runs if lab == "SPaCQL" and ("CFCQL", t, d) in runs)
     x = score_matrix(runs, "SPaCQL", both) if both else None
     y = score_matrix(runs, "CFCQL", both) if both else None
@@ -157,10 +157,12 @@ def aggregates(runs, reps):
             random_state=np.random.RandomState(0),
         )
     lo, hi = np.ravel(ci["p"])
+    seeds = min(len(x), len(y))
+    interval = f"95% CI [{lo:.3f}, {hi:.3f}]" if seeds > 1 else "no CI (one seed per setting)"
     return lines + [
         "",
-        f"Probability of improvement P(SPaCQL > CFCQL), settings with results of both: {len(both)}; "
-        f"{float(point['p']):.3f}, 95% CI [{lo:.3f}, {hi:.3f}].",
+        f"Probability of improvement P(SPaCQL > CFCQL), settings with results of both: {len(both)}, "
+        f"seeds per setting: {seeds}; {float(point['p']):.3f}, {interval}.",
     ]
 
 

@@ -264,7 +264,10 @@ def test_report_on_synthetic_results(tmp_path):
     row = next(ln for ln in readme.splitlines() if ln.startswith("| cn | random |"))
     cf, _, icql, _, spacql, _ = [c.strip() for c in row.split("|")[3:-1]]
     assert cf == "63.0 ± 1.0 (n=3)" and "†" in spacql and "no std, not tested" in icql
-    assert "P(SPaCQL > CFCQL)" in readme and "| SPaCQL | 2 | 1 |" in readme
+    assert "P(SPaCQL > CFCQL)" in readme and "seeds per setting: 3;" in readme and "95% CI [" in readme
+    # SPaCQL's seeds common to cn random (0-2) and halfcheetah expert (0): one, so no interval
+    assert "| SPaCQL | 2 | 1 | 0.600 | none (one seed per setting) |" in readme
+    assert "| CFCQL | 1 | 3 |" in readme and "| CFCQL | 1 | 3 | 0.630 | [" in readme
     for name in (
         "curves_cn.png",
         "curves_halfcheetah.png",
