@@ -180,32 +180,52 @@ def run_one_command(algo, task, dataset, seed, args, threads):
     return shlex.join(cmd + ([f"--extra={args.extra}"] if args.extra else []))
 
 
-def estimate_s(algo, task, compiled=False):
-    """(seconds, is estimate, rounds) of one run at 2 threads: rounds x ms per round (no evaluation time)."""
+def measured_core_s(results_dir) -> dict:
+    """(algo, task) -> (median core-seconds of its finished CPU runs: wall time x torch threads, how many)."""
+    seen = {}
+    for path in Path(results_dir).glob("*/*/*/seed_*.json"):
+        try:
+            r = json.loads(path.read_text())
+            threads = r["meta"]["machine"]["torch_threads"]
+            if r["device"] == "cpu" and r["wall_time_s"] > 0 and threads > 0:
+                seen.setdefault((r["algo"], r["task"]), []).append(r["wall_time_s"] * threads)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a result with timing (older or foreign file): estimated instead
+    return {k: (sorted(v)[len(v) // 2], len(v)) for k, v in seen.items()}
+
+
+def estimate_s(algo, task, compiled=False, measured=None):
+    """(core-seconds, source, rounds) of one run: the median of its finished runs of the same algorithm and task
+    when there are any (evaluation included), else rounds x ms per round at 2 threads (updates only)."""
     file, flags = ALGOS[algo]
+    words = shlex.split(flags)
+    rounds = int(words[words.index("--num-updates") + 1]) if "--num-updates" in words else None
+    rounds = rounds or REFERENCE_HPARAMS[task].num_updates
+    if measured and (algo, task) in measured:
+        core_s, count = measured[(algo, task)]
+        return core_s, f"measured, {count} run{'s' * (count > 1)}", rounds
     base = file if (file, task) in MS_PER_ROUND else file.replace("icql_qs", "cfcql")
     eager_ms, compiled_ms, guess = MS_PER_ROUND[(base, task)]
     ms = compiled_ms if compiled else eager_ms
     if base != file:  # icql_qs: cfcql + ~10%
         ms, guess = ms * 1.1, True
-    guess = guess or "--num-critics" in flags  # a bigger ensemble than measured
-    words = shlex.split(flags)
-    rounds = int(words[words.index("--num-updates") + 1]) if "--num-updates" in words else None
-    rounds = rounds or REFERENCE_HPARAMS[task].num_updates
-    return rounds * ms / 1000, guess, rounds
+    if "--num-critics" in words:  # measured with E = 2; critic work grows with E, so this is an upper bound
+        ms, guess = ms * int(words[words.index("--num-critics") + 1]) / 2, True
+    return 2 * rounds * ms / 1000, "estimate" if guess else "benchmark", rounds
 
 
-def print_estimate(missing, compiled=False):
-    total, any_guess = 0.0, False
+def print_estimate(missing, results_dir, compiled=False):
+    measured = measured_core_s(results_dir)
+    total = 0.0
     for run, state in missing:
-        sec, guess, rounds = estimate_s(run[0], run[1], compiled)
+        sec, source, rounds = estimate_s(run[0], run[1], compiled, measured)
         sec = 0.0 if state == "convert" else sec  # finished; only its result is missing
-        total, any_guess = total + sec, any_guess or guess
-        print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} min{' (estimate)' * guess}")
+        total += sec
+        print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} core-min ({source})")
     print(
-        f"estimated CPU time: {total / 3600:.1f} h at 2 threads ({2 * total / 3600:.1f} core-hours); update rounds "
-        f"only, from the ms per round of benchmarks/bench_algos.py{' with --compile' * compiled}"
-        f"{' (some estimated)' * any_guess}"
+        f"estimated CPU time: {total / 3600:.1f} core-hours (~{total / 3600 / CORES:.1f} h on {CORES} cores). "
+        f"measured: the median finished run of that algorithm and task in {results_dir}; benchmark: update rounds "
+        f"at 2 threads from benchmarks/bench_algos.py{' with --compile' * compiled}; estimate: scaled from those"
     )
 
 
@@ -299,7 +319,8 @@ def main():
         return
     if args.dry_run:
         compiled = "--compile" in shlex.split(args.extra)
-        return print_estimate([(r, st) for r, st in zip(runs, states) if st != "done"], compiled)
+        missing_states = [(r, st) for r, st in zip(runs, states) if st != "done"]
+        return print_estimate(missing_states, args.results_dir, compiled)
     if args.print_commands:
         for m in missing:
             print(run_one_command(*m, args, args.threads or max(1, CORES // args.jobs)))

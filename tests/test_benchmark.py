@@ -166,6 +166,14 @@ def test_dry_run_lists_missing_runs_then_none(tmp_path):
     assert len(lines) == 4 and all("fresh" in ln and "4 rounds" in ln for ln in lines)
     assert "estimated CPU time" in out.stdout
     assert not (tmp_path / "runs").exists()  # a dry run creates nothing
+    timed = {"algo": "cfcql_smoke", "task": "cn", "device": "cpu", "wall_time_s": 300.0}
+    timed["meta"] = {"machine": {"torch_threads": 2}}  # 300 s x 2 threads = 10 core-minutes
+    (tmp_path / "results/cfcql_smoke/cn/random").mkdir(parents=True)
+    (tmp_path / "results/cfcql_smoke/cn/random/seed_0.json").write_text(json.dumps(timed))
+    out = bench("smoke", "--seeds", 0, 1, "--dry-run", *dirs(tmp_path))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cfcql_smoke/cn/random/seed_1"))
+    assert line.endswith("~   10.0 core-min (measured, 1 run)"), line
+    assert "cfcql_smoke/cn/random/seed_0" not in out.stdout and "(measured" not in out.stdout.split(line)[1]
     for algo in ("cfcql_smoke", "spacql_mpe_smoke"):
         for seed in (0, 1):
             path = tmp_path / "results" / algo / "cn" / "random" / f"seed_{seed}.json"
