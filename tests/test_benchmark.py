@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import write_tiny_dataset
@@ -284,3 +285,16 @@ def test_report_on_synthetic_results(tmp_path):
     ):
         assert (results / "figures" / name).stat().st_size > 0
     assert "missing (no data): curves_pp.png, curves_world.png" in readme
+
+
+def test_report_intervals_are_reproducible():
+    """The same scores give the same CI whatever ran before (rliable draws from numpy's global generator)."""
+    spec = importlib.util.spec_from_file_location("report_script", REPORT)
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    scores = np.random.default_rng(1).uniform(0.2, 1.2, size=(8, 4))  # 8 seeds x 4 settings
+    iqm = lambda x: np.array([rep.metrics.aggregate_iqm(x)])
+    first = rep.bootstrap(scores, iqm, 100)[1]
+    np.random.rand(7)  # other code using the global generator in between, e.g. another algorithm's bootstrap
+    again = rep.bootstrap(scores, iqm, 100)[1]
+    assert first.shape == (2, 1) and first[0, 0] < first[1, 0] and np.array_equal(first, again)
