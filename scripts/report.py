@@ -183,6 +183,15 @@ def plot_band(ax, series, label):
     ax.fill_between(x, m - se, m + se, alpha=0.25)
 
 
+def legend_or_empty(ax):
+    """A legend, or "no runs yet" on a panel without data."""
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set(xticks=[], yticks=[])
+
+
 def learning_curves(runs, fig_dir):
     written = []
     for task in TASKS:
@@ -194,13 +203,7 @@ def learning_curves(runs, fig_dir):
                 if rs := runs.get((label, task, d)):
                     plot_band(ax, [{h[0]: h[2] for h in r["eval_history"]} for r in rs], label)
             ax.set(title=f"{task} {d}", xlabel="update round", ylabel="normalized score")
-            if ax.lines:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(
-                    0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes, color="gray"
-                )
-                ax.set(xticks=[], yticks=[])
+            legend_or_empty(ax)
         written.append(save(fig, fig_dir / f"curves_{task}.png"))
     return written
 
@@ -220,8 +223,7 @@ def figure2(runs, fig_dir):
                 plot_band(ax, curves, label)
                 any_data = True
         ax.set(title=f"cn {d}", xlabel="update round", ylabel="target spread (ensemble std)")
-        if ax.lines:
-            ax.legend(fontsize=7)
+        legend_or_empty(ax)
     if not any_data:
         plt.close(fig)
         return []
