@@ -113,13 +113,20 @@ def score_table(runs):
     return lines
 
 
-def score_matrix(runs, label, settings):
-    """[seeds, settings] final normalized scores / 100, using the seeds present in every setting."""
-    seeds = set.intersection(*({r["seed"] for r in runs[(label, *s)]} for s in settings))
-    if not seeds:
-        return None
+def complete_settings(runs, label, settings):
+    """(seeds, kept settings, dropped settings): rliable needs the same seeds in every setting, so pick the seed set
+    of a setting that maximises seeds x settings holding all of them (ties: more seeds). A grid still running
+    (one seed of a new cell) then drops that cell instead of dropping every other cell to one seed."""
+    have = {s: {r["seed"] for r in runs[(label, *s)]} for s in settings}
+    kept_by = {frozenset(c): [s for s in settings if c <= have[s]] for c in have.values()}
+    seeds = max(kept_by, key=lambda c: (len(c) * len(kept_by[c]), len(c), sorted(c)))
+    return sorted(seeds), kept_by[seeds], [s for s in settings if s not in kept_by[seeds]]
+
+
+def score_matrix(runs, label, settings, seeds):
+    """[seeds, settings] final normalized scores / 100."""
     by_seed = {s: {r["seed"]: r["final_normalized_score"] for r in runs[(label, *s)]} for s in settings}
-    return np.array([[by_seed[s][k] / 100 for s in settings] for k in sorted(seeds)])
+    return np.array([[by_seed[s][k] / 100 for s in settings] for k in seeds])
 
 
 def bootstrap(scores, func, reps):
@@ -135,12 +142,13 @@ def bootstrap(scores, func, reps):
 
 
 def aggregates(runs, reps):
-    lines = []
-    matrices = {}
+    lines, matrices, dropped = [], {}, []
     for label in ALGOS:
         settings = sorted((t, d) for (lab, t, d) in runs if lab == label)
-        if settings and (m := score_matrix(runs, label, settings)) is not None:
-            matrices[label] = m
+        if settings:
+            seeds, kept, left = complete_settings(runs, label, settings)
+            matrices[label] = score_matrix(runs, label, kept, seeds)
+            dropped += [f"{label} {t} {d} (seeds {sorted(r['seed'] for r in runs[(label, t, d)])})" for t, d in left]
     if not matrices:
         return ["No results to aggregate."]
     iqm = lambda x: np.array([metrics.aggregate_iqm(x)])
@@ -153,19 +161,23 @@ def aggregates(runs, reps):
         # the bootstrap resamples seeds within each setting: with one seed it has nothing to resample
         interval = f"[{lo:.3f}, {hi:.3f}]" if m.shape[0] > 1 else "none (one seed per setting)"
         lines.append(f"| {label} | {m.shape[1]} | {m.shape[0]} | {point[label][0]:.3f} | {interval} |")
+    if dropped:
+        lines += ["", "Left out (not the seeds of the other settings): " + ", ".join(dropped) + "."]
     both = sorted((t, d) for (lab, t, d) in runs if lab == "SPaCQL" and ("CFCQL", t, d) in runs)
-    x = score_matrix(runs, "SPaCQL", both) if both else None
-    y = score_matrix(runs, "CFCQL", both) if both else None
-    if x is None or y is None:
+    if not both:
         return lines + ["", "Probability of improvement SPaCQL > CFCQL: no setting with results of both."]
+    seeds_x, kept_x, _ = complete_settings(runs, "SPaCQL", both)
+    seeds_y, kept, _ = complete_settings(runs, "CFCQL", kept_x)
+    x = score_matrix(runs, "SPaCQL", kept, seeds_x)
+    y = score_matrix(runs, "CFCQL", kept, seeds_y)
     point, ci = bootstrap((x, y), metrics.probability_of_improvement, reps)
     lo, hi = np.ravel(ci)
     seeds = min(len(x), len(y))
     interval = f"95% CI [{lo:.3f}, {hi:.3f}]" if seeds > 1 else "no CI (one seed per setting)"
     return lines + [
         "",
-        f"Probability of improvement P(SPaCQL > CFCQL), settings with results of both: {len(both)}, "
-        f"seeds per setting: {seeds}; {float(point):.3f}, {interval}.",
+        f"Probability of improvement P(SPaCQL > CFCQL), settings with results of both: {len(kept)} of {len(both)}, "
+        f"seeds per setting: SPaCQL {len(x)}, CFCQL {len(y)}; {float(point):.3f}, {interval}.",
     ]
 
 
@@ -307,8 +319,9 @@ def main():
         "",
         "## Aggregates (rliable)",
         "",
-        "Normalized scores / 100, per algorithm over all (task, dataset) settings it has results for, using the "
-        "seeds present in every one of them. IQM with 95% stratified-bootstrap percentile CIs; probability of "
+        "Normalized scores / 100, per algorithm over the (task, dataset) settings it has results for. rliable needs "
+        "the same seeds in every setting: a setting without them (a cell still running) is left out, and the seed "
+        "set kept is the one that keeps the most runs. IQM with 95% stratified-bootstrap percentile CIs; probability of "
         f"improvement over the settings where both have results. {args.reps} bootstrap resamples, "
         "numpy seed 0 for each.",
         "",
