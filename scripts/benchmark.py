@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -337,4 +338,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `--dry-run | head` ends quietly, as a shell tool does
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -301,3 +302,10 @@ def test_report_intervals_are_reproducible():
     np.random.rand(7)  # other code using the global generator in between, e.g. another algorithm's bootstrap
     again = rep.bootstrap(scores, iqm, 100)[1]
     assert first.shape == (2, 1) and first[0, 0] < first[1, 0] and np.array_equal(first, again)
+
+
+def test_dry_run_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`benchmark.sh GRID --dry-run | head -1`: no BrokenPipeError traceback once head has what it wants."""
+    cmd = f"{shlex.quote(sys.executable)} {BENCH} table2-mpe --dry-run --results-dir {tmp_path} | head -1"
+    done = subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert done.stdout.startswith("grid table2-mpe: 72 runs, 0 done") and "Traceback" not in done.stderr, done.stderr
