@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.perf import cpu_model  # noqa: E402
 from common.tasks import DATASET_TYPES, REFERENCE_HPARAMS  # noqa: E402
 
 SMOKE_FLAGS = "--num-updates 4 --eval-every 2 --batch-size 32 --hidden 16 --num-eval-episodes 2 --log-every 1"
@@ -182,17 +183,26 @@ def run_one_command(algo, task, dataset, seed, args, threads):
 
 
 def measured_core_s(results_dir) -> dict:
-    """(algo, task) -> (median core-seconds of its finished CPU runs: wall time x torch threads, how many)."""
-    seen = {}
+    """(algo, task) -> (median core-seconds of its finished CPU runs: wall time x torch threads, how many, where).
+
+    Runs on this machine's CPU model are used when there are any ("here"): the same code on two CPU types here
+    differed by about 2x. Otherwise the runs of every machine."""
+    seen, here = {}, cpu_model()
     for path in Path(results_dir).glob("*/*/*/seed_*.json"):
         try:
             r = json.loads(path.read_text())
-            threads = r["meta"]["machine"]["torch_threads"]
+            machine = r["meta"]["machine"]
+            threads = machine["torch_threads"]
             if r["device"] == "cpu" and r["wall_time_s"] > 0 and threads > 0:
-                seen.setdefault((r["algo"], r["task"]), []).append(r["wall_time_s"] * threads)
+                seen.setdefault((r["algo"], r["task"]), []).append((r["wall_time_s"] * threads, machine.get("cpu")))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a result with timing (older or foreign file): estimated instead
-    return {k: (sorted(v)[len(v) // 2], len(v)) for k, v in seen.items()}
+    out = {}
+    for k, runs in seen.items():
+        local = sorted(s for s, cpu in runs if cpu == here)
+        pool = local or sorted(s for s, _ in runs)
+        out[k] = (pool[len(pool) // 2], len(pool), " here" if local else "")
+    return out
 
 
 def estimate_s(algo, task, compiled=False, measured=None):
@@ -203,8 +213,8 @@ def estimate_s(algo, task, compiled=False, measured=None):
     rounds = int(words[words.index("--num-updates") + 1]) if "--num-updates" in words else None
     rounds = rounds or REFERENCE_HPARAMS[task].num_updates
     if measured and (algo, task) in measured:
-        core_s, count = measured[(algo, task)]
-        return core_s, f"measured, {count} run{'s' * (count > 1)}", rounds
+        core_s, count, where = measured[(algo, task)]
+        return core_s, f"measured{where}, {count} run{'s' * (count > 1)}", rounds
     base = file if (file, task) in MS_PER_ROUND else file.replace("icql_qs", "cfcql")
     eager_ms, compiled_ms, guess = MS_PER_ROUND[(base, task)]
     ms = compiled_ms if compiled else eager_ms
@@ -225,7 +235,7 @@ def print_estimate(missing, results_dir, compiled=False):
         print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} core-min ({source})")
     print(
         f"estimated CPU time: {total / 3600:.1f} core-hours (~{total / 3600 / CORES:.1f} h on {CORES} cores). "
-        f"measured: the median finished run of that algorithm and task in {results_dir}; benchmark: update rounds "
+        f"measured: the median finished run of that algorithm and task in {results_dir} (here: on this CPU model); benchmark: update rounds "
         f"at 2 threads from benchmarks/bench_algos.py{' with --compile' * compiled}; estimate: scaled from those"
     )
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.perf import cpu_model
 from tests.helpers import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,12 @@ def test_dry_run_lists_missing_runs_then_none(tmp_path):
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cfcql_smoke/cn/random/seed_1"))
     assert line.endswith("~   10.0 core-min (measured, 1 run)"), line
     assert "cfcql_smoke/cn/random/seed_0" not in out.stdout and "(measured" not in out.stdout.split(line)[1]
+    other = {"algo": "cfcql_smoke", "task": "cn", "device": "cpu", "wall_time_s": 60.0}  # 1 thread: 1 minute
+    other["meta"] = {"machine": {"torch_threads": 1, "cpu": cpu_model()}}  # this CPU model: preferred
+    (tmp_path / "results/cfcql_smoke/cn/random/seed_2.json").write_text(json.dumps(other))
+    out = bench("smoke", "--seeds", 0, 1, "--dry-run", *dirs(tmp_path))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cfcql_smoke/cn/random/seed_1"))
+    assert line.endswith("~    1.0 core-min (measured here, 1 run)"), line
     for algo in ("cfcql_smoke", "spacql_mpe_smoke"):
         for seed in (0, 1):
             path = tmp_path / "results" / algo / "cn" / "random" / f"seed_{seed}.json"
