@@ -194,7 +194,9 @@ def measured_core_s(results_dir) -> dict:
             machine = r["meta"]["machine"]
             threads = machine["torch_threads"]
             if r["device"] == "cpu" and r["wall_time_s"] > 0 and threads > 0:
-                seen.setdefault((r["algo"], r["task"]), []).append((r["wall_time_s"] * threads, machine.get("cpu")))
+                seen.setdefault((r["algo"], r["task"]), []).append(
+                    (r["wall_time_s"] * threads, machine.get("cpu"))
+                )
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a result with timing (older or foreign file): estimated instead
     out = {}
@@ -235,8 +237,9 @@ def print_estimate(missing, results_dir, compiled=False):
         print(f"{key(*run):45s} {state:8s} {rounds:6d} rounds ~{sec / 60:7.1f} core-min ({source})")
     print(
         f"estimated CPU time: {total / 3600:.1f} core-hours (~{total / 3600 / CORES:.1f} h on {CORES} cores). "
-        f"measured: the median finished run of that algorithm and task in {results_dir} (here: on this CPU model); benchmark: update rounds "
-        f"at 2 threads from benchmarks/bench_algos.py{' with --compile' * compiled}; estimate: scaled from those"
+        f"measured: the median finished run of that algorithm and task in {results_dir} (here: on this CPU "
+        f"model); benchmark: update rounds at 2 threads from benchmarks/bench_algos.py"
+        f"{' with --compile' * compiled}; estimate: scaled from those"
     )
 
 

@@ -315,4 +315,6 @@ def test_dry_run_into_a_closed_pipe_ends_quietly(tmp_path):
     """`benchmark.sh GRID --dry-run | head -1`: no BrokenPipeError traceback once head has what it wants."""
     cmd = f"{shlex.quote(sys.executable)} {BENCH} table2-mpe --dry-run --results-dir {tmp_path} | head -1"
     done = subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert done.stdout.startswith("grid table2-mpe: 72 runs, 0 done") and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith("grid table2-mpe: 72 runs, 0 done") and "Traceback" not in done.stderr, (
+        done.stderr
+    )
