@@ -148,7 +148,9 @@ def aggregates(runs, reps):
         if settings:
             seeds, kept, left = complete_settings(runs, label, settings)
             matrices[label] = score_matrix(runs, label, kept, seeds)
-            dropped += [f"{label} {t} {d} (seeds {sorted(r['seed'] for r in runs[(label, t, d)])})" for t, d in left]
+            dropped += [
+                f"{label} {t} {d} (seeds {sorted(r['seed'] for r in runs[(label, t, d)])})" for t, d in left
+            ]
     if not matrices:
         return ["No results to aggregate."]
     iqm = lambda x: np.array([metrics.aggregate_iqm(x)])
