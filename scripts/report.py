@@ -113,6 +113,29 @@ def score_table(runs):
     return lines
 
 
+def seed_mean(log_means, key):
+    """'0.123': the mean over runs of one logged run mean, '—' when no run logged it."""
+    vals = [m[key] for m in log_means if key in m]
+    return f"{np.mean(vals):.3f}" if vals else "—"
+
+
+def weights_table(runs):
+    """SPaCQL's raw per-run means of w_k, u_k, k_eff and the target spread, averaged over seeds (Figure 3 shows
+    w_k min-max normalised, which maps any non-uniform w to 1 ... 0 and hides how close to uniform it is)."""
+    head = "| task | dataset | seeds | w_1 / ... / w_n | u_1 / ... / u_n | k_eff | target spread |"
+    rows = [head, "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        for d in DATASETS:
+            means = [r["log_means"] for r in runs.get(("SPaCQL", task, d), []) if r.get("log_means")]
+            ks = sorted({t[9:] for m in means for t in m if t.startswith("charts/w_")}, key=int)
+            if ks:
+                w = " / ".join(seed_mean(means, f"charts/w_{k}") for k in ks)
+                u = " / ".join(seed_mean(means, f"charts/u_{k}") for k in ks)
+                k_eff, spread = seed_mean(means, "charts/k_eff"), seed_mean(means, "charts/target_spread")
+                rows.append(f"| {task} | {d} | {len(means)} | {w} | {u} | {k_eff} | {spread} |")
+    return rows if len(rows) > 2 else ["No SPaCQL run with logged weights."]
+
+
 def complete_settings(runs, label, settings):
     """(seeds, kept settings, dropped settings): rliable needs the same seeds in every setting, so pick the seed set
     of a setting that maximises seeds x settings holding all of them (ties: more seeds). A grid still running
@@ -328,6 +351,14 @@ def main():
         "numpy seed 0 for each.",
         "",
         *aggregates(runs, args.reps),
+        "",
+        "## SPaCQL's mixture weights",
+        "",
+        "Mean over training of each run's logged w_k and uncertainty u_k (Eq. 7) and k_eff = sum_k k w_k, averaged "
+        "over seeds; uniform weights would be 1/n each. Figure 3 below shows the same w_k min-max normalised, as "
+        "the paper does.",
+        "",
+        *weights_table(runs),
         "",
         "## Figures",
         "",

@@ -288,6 +288,8 @@ def test_report_on_synthetic_results(tmp_path):
     assert "| SPaCQL | 1 | 3 | 0.210 | [" in readme
     assert "Left out (not the seeds of the other settings): SPaCQL halfcheetah expert (seeds [0])." in readme
     assert "| CFCQL | 1 | 3 | 0.630 | [" in readme
+    # SPaCQL's raw weights: the seed mean of w_1 = 0.50, 0.51, 0.52; u_k, k_eff, spread not logged here
+    assert "| cn | random | 3 | 0.510 / 0.300 / 0.200 | — / — / — | — | — |" in readme
     for name in (
         "curves_cn.png",
         "curves_halfcheetah.png",
