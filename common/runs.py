@@ -493,6 +493,10 @@ class Run:
         else:
             name = args.run_name or f"{algo}__{args.task}__{args.dataset}__{args.seed}__{int(time.time())}"
             self.path = os.path.join(args.run_dir, name)
+            if args.run_name is None:  # two runs started within the same second get distinct default names
+                suffix = 1
+                while os.path.exists(self.path):
+                    self.path, suffix = os.path.join(args.run_dir, f"{name}_{suffix}"), suffix + 1
             for existing in (CHECKPOINT_NAME, "final.json"):
                 if os.path.exists(os.path.join(self.path, existing)):
                     raise UserError(

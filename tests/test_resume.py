@@ -125,3 +125,12 @@ def test_a_fresh_run_never_overwrites_a_run_folder(tmp_path):
     cfcql.main(tiny_args(cfcql, tmp_path, "cn", run_name="mine"))
     with pytest.raises(cfcql.runs.UserError, match="already holds a run"):
         cfcql.main(tiny_args(cfcql, tmp_path, "cn", run_name="mine"))
+
+
+def test_runs_started_in_the_same_second_get_distinct_default_folders(tmp_path, monkeypatch):
+    """The default run name carries the start time in seconds; a second run in the same second (a script, a
+    test) gets its own folder instead of an error or a shared one."""
+    write_tiny_dataset(tmp_path / "data", "cn")
+    monkeypatch.setattr(cfcql.runs.time, "time", lambda: 1_800_000_000.0)
+    paths = [cfcql.main(tiny_args(cfcql, tmp_path, "cn"))["run_path"] for _ in range(3)]
+    assert len(set(paths)) == 3 and all(os.path.exists(os.path.join(p, "final.json")) for p in paths)
